@@ -15,13 +15,15 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 say() { printf '\n== %s\n' "$*"; }
 
-apt_install() {  # apt_install パッケージ名...
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-  else
-    return 1
+apt_install() {  # apt_install パッケージ名... (root か、パスワードなしの sudo のときだけ)
+  local sudo=""
+  command -v apt-get >/dev/null || return 1
+  if [ "$(id -u)" != 0 ]; then
+    sudo -n true 2>/dev/null || return 1
+    sudo="sudo -n"
   fi
+  if [ -z "${APT_UPDATED:-}" ]; then $sudo apt-get update -qq; APT_UPDATED=1; fi
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
 say "Graphviz (dot)"
