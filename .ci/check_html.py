@@ -59,7 +59,9 @@ def chapters() -> list[str]:
 
 def main(html_dir: Path) -> int:
     problems: list[str] = []
-    pages = [p for p in html_dir.rglob("*.html") if "_static" not in p.parts and "reports" not in p.parts]
+    pages = [
+        p for p in html_dir.rglob("*.html") if not {"_static", "reports"} & set(p.parts)
+    ]
     if not pages:
         print(f"{html_dir} に HTML がありません", file=sys.stderr)
         return 1

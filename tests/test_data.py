@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision import datasets
-
 from torchbook import data
+from torchvision import datasets
 
 
 def _write_digits(folder: Path, per_class: list[int]) -> torch.Tensor:
@@ -90,7 +89,7 @@ def test_stratified_split_is_exact_proportional_and_deterministic():
     assert set(train.tolist()).isdisjoint(test.tolist())
     assert len(set(train.tolist()) | set(test.tolist())) == len(labels)
     per_class = labels[test].bincount(minlength=10)
-    for n, k in zip(counts, per_class.tolist()):
+    for n, k in zip(counts, per_class.tolist(), strict=True):
         assert abs(k - n * 0.2) < 1  # 比例配分から 1 枚以内
     again_train, again_test = data.stratified_split(labels, 2000)
     assert torch.equal(train, again_train) and torch.equal(test, again_test)
@@ -126,7 +125,8 @@ def test_prepare_fashion_from_debian_layout(tmp_path, monkeypatch):
     for split, n in (("train", 6), ("test", 4)):
         x = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
         data.write_idx(src / f"{data.FILES[split + '_images']}.gz", x)
-        data.write_idx(src / f"{data.FILES[split + '_labels']}.gz", torch.arange(n, dtype=torch.uint8))
+        labels = torch.arange(n, dtype=torch.uint8)
+        data.write_idx(src / f"{data.FILES[split + '_labels']}.gz", labels)
     monkeypatch.setattr(data, "DEBIAN_FASHION_DIR", src)
     manifest = data.prepare("fashion-mnist", tmp_path / "root", offline=True)
     assert manifest["source"] == "debian" and manifest["train"] == 6

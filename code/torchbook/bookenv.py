@@ -38,7 +38,9 @@ def environment_info() -> dict[str, str]:
     for name in data.DATASETS:
         try:
             m = data.read_manifest(name)
-            info[f"データ: {m['dataset']}"] = f"訓練 {m['train']:,} 枚 / テスト {m['test']:,} 枚 ({m['detail'].split(' ← ')[0]})"
+            source = m["detail"].split(" ← ")[0]
+            counts = f"訓練 {m['train']:,} 枚 / テスト {m['test']:,} 枚"
+            info[f"データ: {m['dataset']}"] = f"{counts} ({source})"
         except data.DataError:
             info[f"データ: {data.DATASETS[name]}"] = "未準備"
     return info

