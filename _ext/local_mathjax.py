@@ -10,7 +10,8 @@ from pathlib import Path
 from sphinx.application import Sphinx
 
 ES5 = Path(__file__).resolve().parents[1] / "node_modules" / "mathjax" / "es5"
-SKIP = {"sre", "node-main.js"}  # 読み上げ用の大きなデータと Node.js 用の入口は使わない
+# tex-svg.js と、それが必要に応じて読み込む部品 (TeX の拡張、SVG 出力、メニュー) だけを同梱する
+KEEP = ("tex-svg.js", "input", "output/svg", "ui", "a11y")
 
 
 def _use_local(app: Sphinx) -> None:
@@ -25,7 +26,7 @@ def _copy(app: Sphinx, exception: Exception | None) -> None:
     from sphinx.util.fileutil import copy_asset
 
     dest = Path(app.outdir) / "_static" / "mathjax"
-    copy_asset(str(ES5), str(dest), excluded=lambda p: Path(p).parts[0] in SKIP)
+    copy_asset(str(ES5), str(dest), excluded=lambda p: not Path(p).as_posix().startswith(KEEP))
 
 
 def setup(app: Sphinx) -> dict:
