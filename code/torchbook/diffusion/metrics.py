@@ -1,0 +1,199 @@
+"""生成画像の品質指標 FID と KID、分類器による正解率。
+
+どちらも画像を分類器の特徴空間 (``FashionClassifier.features``、128 次元) に写し、
+本物の画像の特徴と生成画像の特徴の「分布の違い」を測ります。値は小さいほど良い指標です。
+
+- FID (Fréchet Inception Distance): 両方の特徴を多変量正規分布で近似し、その 2 つの
+  正規分布のフレシェ距離 (2-ワッサースタイン距離の 2 乗) を求めます。
+- KID (Kernel Inception Distance): 3 次の多項式カーネルによる MMD² の不偏推定量です。
+  枚数が少なくても偏りがなく、平均と標準偏差を添えて報告できます。
+
+FID は枚数が少ないと大きめに出る (偏りがある) ため、生成画像の FID は必ず
+「同じ枚数の本物どうしの FID (下限)」と並べて示します (``real_floor``)。
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """画像 (N, 1, 32, 32) を分類器の特徴 (N, D) に変換します (float64、CPU 上)。"""
+    if device is None:
+        device = next(model.parameters()).device
+    model.eval()
+    feats = []
+    for i in range(0, len(images), batch_size):
+        xb = images[i : i + batch_size].to(device, torch.float32)
+        feats.append(model.features(xb).double().cpu())
+    return torch.cat(feats)
+
+
+def _mean_cov(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """特徴の平均 (D,) と不偏共分散行列 (D, D) を float64 で返します。"""
+    f = feats.double()
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"特徴は (N, D) で N >= 2 にしてください (形 {tuple(f.shape)})")
+    mu = f.mean(0)
+    centered = f - mu
+    return mu, centered.T @ centered / (len(f) - 1)
+
+
+def _sqrt_psd(mat: torch.Tensor) -> torch.Tensor:
+    """半正定値の対称行列の平方根。固有値の小さな負の誤差は 0 に切り上げます。"""
+    w, v = torch.linalg.eigh(mat)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(
+    mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor
+) -> float:
+    """2 つの正規分布 N(mu_a, cov_a), N(mu_b, cov_b) のフレシェ距離。
+
+    d² = |mu_a - mu_b|² + tr(S_a) + tr(S_b) - 2 tr( (S_a^½ S_b S_a^½)^½ )
+
+    最後の項は S_a S_b の行列平方根のトレースと同じ値です。対称行列
+    S_a^½ S_b S_a^½ の固有値 (0 以上) の平方根の和として計算すると、非対称な行列の
+    平方根を求めるより数値的に安定します。
+    """
+    sqrt_a = _sqrt_psd(cov_a)
+    middle = sqrt_a @ cov_b @ sqrt_a
+    middle = (middle + middle.T) / 2  # 丸め誤差で崩れた対称性を戻す
+    tr_covmean = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()
+    d2 = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * tr_covmean
+    return max(d2.item(), 0.0)
+
+
+def fid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """特徴 (N_a, D) と (N_b, D) に正規分布を当てはめ、そのフレシェ距離 (FID) を返します。"""
+    mu_a, cov_a = _mean_cov(feats_a)
+    mu_b, cov_b = _mean_cov(feats_b)
+    return frechet_distance(mu_a, cov_a, mu_b, cov_b)
+
+
+def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """3 次の多項式カーネル k(x, y) = (x·y / D + 1)³ の行列 (N_x, N_y)。"""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
+    """MMD² の不偏推定量 (同じ分布なら期待値が 0 で、負の値も出ます)。
+
+    MMD² = 平均_{i≠j} k(x_i, x_j) + 平均_{i≠j} k(y_i, y_j) - 2 平均_{i,j} k(x_i, y_j)
+    """
+    m, n = len(x), len(y)
+    k_xx = polynomial_kernel(x, x)
+    k_yy = polynomial_kernel(y, y)
+    k_xy = polynomial_kernel(x, y)
+    term_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))  # 対角 (i = j) を除く
+    term_yy = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return (term_xx + term_yy - 2 * k_xy.mean()).item()
+
+
+def kid(
+    feats_a: torch.Tensor,
+    feats_b: torch.Tensor,
+    n_subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """KID: 大きさ subset_size の部分集合を n_subsets 回選び、MMD² の平均と標準偏差を返します。
+
+    部分集合の大きさは両方の枚数を超えないように切り詰めます。乱数は ``seed`` で固定します。
+    """
+    a, b = feats_a.double(), feats_b.double()
+    size = min(subset_size, len(a), len(b))
+    if size < 2:
+        raise ValueError("KID には両方とも 2 枚以上の特徴が必要です")
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.tensor([
+        mmd2_unbiased(
+            a[torch.randperm(len(a), generator=gen)[:size]],
+            b[torch.randperm(len(b), generator=gen)[:size]],
+        )
+        for _ in range(n_subsets)
+    ], dtype=torch.float64)
+    std = values.std().item() if n_subsets > 1 else 0.0
+    return values.mean().item(), std
+
+
+def fid_kid(feats_a: torch.Tensor, feats_b: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """FID と KID (平均・標準偏差) をまとめて辞書で返します。"""
+    kid_mean, kid_std = kid(feats_a, feats_b, seed=seed)
+    return {"fid": fid(feats_a, feats_b), "kid_mean": kid_mean, "kid_std": kid_std,
+            "n_a": len(feats_a), "n_b": len(feats_b)}
+
+
+def real_split(images: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """実画像を「参照集合」と「下限用の集合」に分けます。
+
+    参照集合 = 先頭の n 枚 (images[:n])、下限用 = 重ならない次の n 枚 (images[n:2n])。
+    本書ではテスト画像 (10,000 枚、分類器の学習に使っていない) を渡すので n は 5,000 までです。
+    生成画像はいつも参照集合 images[:n] と比べます。
+    """
+    if 2 * n > len(images):
+        raise ValueError(f"{len(images)} 枚からは重ならない {n} 枚の組を 2 つ取れません")
+    return images[:n], images[n : 2 * n]
+
+
+def real_floor(
+    model: nn.Module,
+    images: torch.Tensor,
+    n: int,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """同じ枚数 n の本物どうしの FID/KID (生成画像の値と並べて示す下限) を返します。
+
+    ``real_split`` と同じく images[:n] と images[n:2n] を比べるので、毎回同じ値になります。
+    生成画像がどれほど良くても、同じ枚数ではこの値より大きく下回ることはありません。
+    """
+    ref, other = real_split(images, n)
+    feats_ref = extract_features(model, ref, batch_size, device)
+    feats_other = extract_features(model, other, batch_size, device)
+    return fid_kid(feats_ref, feats_other, seed=seed)
+
+
+def score_samples(
+    model: nn.Module,
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """生成画像 samples と本物の参照画像 reference の FID/KID を返します。"""
+    feats_s = extract_features(model, samples, batch_size, device)
+    feats_r = extract_features(model, reference, batch_size, device)
+    return fid_kid(feats_r, feats_s, seed=seed)
+
+
+@torch.no_grad()
+def classifier_accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+) -> float:
+    """分類器が images を labels のクラスと判定した割合 (0〜1)。
+
+    クラスを指定して生成した画像が、指定どおりのクラスに見えるかを測るのに使います。
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        xb = images[i : i + batch_size].to(device, torch.float32)
+        pred = model(xb).argmax(1).cpu()
+        correct += (pred == labels[i : i + batch_size].cpu()).sum().item()
+    return correct / len(images)
