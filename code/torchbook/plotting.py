@@ -79,3 +79,19 @@ def line_plot(
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
+
+
+def cpu_gpu_flow_png() -> bytes:
+    """CPU と GPU の役割分担 (プログラム → データ → 実行 → 結果) の図を PNG で返します。"""
+    import graphviz  # 図を描くときだけ使う
+
+    g = graphviz.Digraph(graph_attr={"rankdir": "LR", "dpi": "110", "fontname": "IPAGothic"})
+    g.attr("node", shape="box", style="rounded,filled", fontname="IPAGothic", fontsize="12")
+    g.attr("edge", fontname="IPAGothic", fontsize="11")
+    g.node("cpu", "CPU\n主記憶 (ホスト)", fillcolor="#dbe9f6", width="1.8", height="1.6")
+    g.node("gpu", "GPU\nGPU のメモリ (デバイス)", fillcolor="#fde2c8", width="1.8", height="1.6")
+    g.edge("cpu", "gpu", label="1. プログラム (カーネル)")
+    g.edge("cpu", "gpu", label="2. データ (cudaMemcpy)")
+    g.edge("gpu", "gpu", label="3. 実行 (多数のスレッド)")
+    g.edge("gpu", "cpu", label="4. 計算結果 (cudaMemcpy)")
+    return g.pipe(format="png")
