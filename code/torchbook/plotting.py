@@ -95,3 +95,67 @@ def cpu_gpu_flow_png() -> bytes:
     g.edge("gpu", "gpu", label="3. 実行 (多数のスレッド)")
     g.edge("gpu", "cpu", label="4. 計算結果 (cudaMemcpy)")
     return g.pipe(format="png")
+
+
+def _draw_cells(ax: plt.Axes, t: torch.Tensor, x0: float, y0: float, title: str,
+                color: str, ghost_from: tuple[int, int] | None = None) -> None:
+    """2 次元テンソルの各要素をマス目として描きます (ghost_from 以降のマスは薄く描く)。"""
+    rows, cols = t.shape
+    for i in range(rows):
+        for j in range(cols):
+            ghost = ghost_from is not None and (i >= ghost_from[0] or j >= ghost_from[1])
+            ax.add_patch(plt.Rectangle((x0 + j, y0 - i - 1), 1, 1, facecolor=color,
+                                       edgecolor="gray", alpha=0.35 if ghost else 1.0,
+                                       linestyle="--" if ghost else "-"))
+            ax.text(x0 + j + 0.5, y0 - i - 0.5, f"{t[i, j].item():g}", ha="center",
+                    va="center", color="gray" if ghost else "black", fontsize=11)
+    ax.text(x0 + cols / 2, y0 + 0.3, title, ha="center", va="bottom", fontsize=10)
+
+
+def broadcast_figure(a: torch.Tensor, b: torch.Tensor) -> plt.Figure:
+    """2 次元テンソル a + b のブロードキャストを、元の形・引き伸ばした形・結果の順に描きます。"""
+    out = a + b
+    rows, cols = out.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * (4 * cols + 6), 0.9 + 0.55 * rows + 0.6))
+    x = 0.0
+    _draw_cells(ax, a, x, 0, f"a {tuple(a.shape)}", "lightblue")
+    x += a.shape[1] + 1.5
+    _draw_cells(ax, b, x, 0, f"b {tuple(b.shape)}", "moccasin")
+    x += b.shape[1] + 1.0
+    ax.text(x, -rows / 2, "→", fontsize=16, ha="center", va="center")
+    x += 1.0
+    _draw_cells(ax, a.expand(rows, cols), x, 0, f"a を {rows}×{cols} に", "lightblue",
+                ghost_from=(a.shape[0], a.shape[1]))
+    x += cols + 0.5
+    ax.text(x, -rows / 2, "+", fontsize=16, ha="center", va="center")
+    x += 0.5
+    _draw_cells(ax, b.expand(rows, cols), x, 0, f"b を {rows}×{cols} に", "moccasin",
+                ghost_from=(b.shape[0], b.shape[1]))
+    x += cols + 0.5
+    ax.text(x, -rows / 2, "=", fontsize=16, ha="center", va="center")
+    x += 0.5
+    _draw_cells(ax, out, x, 0, f"a + b {tuple(out.shape)}", "palegreen")
+    ax.set_xlim(-0.2, x + cols + 0.2)
+    ax.set_ylim(-rows - 0.3, 1.0)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    return fig
+
+
+def channel_layout_figure(image_hwc: torch.Tensor) -> plt.Figure:
+    """(H, W, C) の RGB 画像と、permute(2, 0, 1) で (C, H, W) にした 3 枚のチャンネルを並べます。"""
+    chw = image_hwc.permute(2, 0, 1)
+    fig, axes = plt.subplots(1, 4, figsize=(9, 2.6))
+    axes[0].imshow(image_hwc.numpy())
+    axes[0].set_title(f"(H, W, C) = {tuple(image_hwc.shape)}\nふつうの画像の並び", fontsize=10)
+    cmaps = ["Reds", "Greens", "Blues"]
+    for c, (ax, name) in enumerate(zip(axes[1:], ["R", "G", "B"], strict=True)):
+        ax.imshow(chw[c].numpy(), cmap=cmaps[c], vmin=0, vmax=1)
+        ax.set_title(f"チャンネル {c} ({name})\nchw[{c}] の形 {tuple(chw[c].shape)}", fontsize=10)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("permute(2, 0, 1) で (C, H, W) = " + str(tuple(chw.shape)) + " に並べ替える",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig
