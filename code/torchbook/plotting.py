@@ -159,3 +159,20 @@ def channel_layout_figure(image_hwc: torch.Tensor) -> plt.Figure:
                  fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def dtype_table(dtypes: Sequence[torch.dtype]) -> str:
+    """データ型の一覧を Markdown の表にして返します (説明や型名はすべて torch から作る)。"""
+    rows = ["| データ型 | dtype | 旧来のテンソル型 | 要素 1 個のバイト数 |", "|---|---|---|---|"]
+    for dt in dtypes:
+        bits = dt.itemsize * 8
+        if dt == torch.bool:
+            kind = "真偽値"
+        elif dt.is_floating_point:
+            kind = f"{bits} ビット浮動小数点数"
+        else:
+            sign = "符号あり" if dt.is_signed else "符号なし"
+            kind = f"{bits} ビット整数 ({sign})"
+        legacy = torch.empty(0, dtype=dt).type()
+        rows.append(f"| {kind} | `{dt}` | `{legacy}` | {dt.itemsize} |")
+    return "\n".join(rows)
