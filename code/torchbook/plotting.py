@@ -176,3 +176,50 @@ def dtype_table(dtypes: Sequence[torch.dtype]) -> str:
         legacy = torch.empty(0, dtype=dt).type()
         rows.append(f"| {kind} | `{dt}` | `{legacy}` | {dt.itemsize} |")
     return "\n".join(rows)
+
+
+def confusion_matrix_plot(
+    matrix: torch.Tensor, title: str | None = None, ax: plt.Axes | None = None
+) -> plt.Figure:
+    """混同行列 (行 = 正解、列 = 予測) を、対角以外を強調した色と件数で描きます。"""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    else:
+        fig = ax.figure
+    m = matrix.detach().cpu().long()
+    off = m.clone().float()
+    off.fill_diagonal_(float("nan"))  # 対角 (正解) は色をつけず、間違いを目立たせる
+    im = ax.imshow(off.numpy(), cmap="Reds", vmin=0)
+    n = len(m)
+    for i in range(n):
+        for j in range(n):
+            v = int(m[i, j])
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                        color="black" if i != j else "tab:blue")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("予測したクラス")
+    ax.set_ylabel("正解のクラス")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="間違えた枚数")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def captioned_images(
+    images: torch.Tensor, captions: Sequence[str], ncol: int = 8, title: str | None = None
+) -> plt.Figure:
+    """(N, 1, H, W) の画像を、それぞれの下に短い説明をつけて並べます。"""
+    n = len(images)
+    nrow = (n + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.25 * ncol, 1.45 * nrow), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k, 0].detach().cpu().numpy(), cmap="gray")
+            ax.set_title(captions[k], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
