@@ -107,15 +107,18 @@ def test_tensor_batches_cover_everything_once() -> None:
     assert torch.equal(torch.cat([b[0] for b in batches]).flatten().long(), seen)
 
 
-def test_random_shift_moves_but_keeps_the_digit() -> None:
-    x = torch.zeros(16, 1, 28, 28)
-    x[:, :, 10:18, 10:18] = 1.0  # 端から離れた四角は、ずらしても欠けない
+def test_random_affine_moves_but_keeps_the_digit() -> None:
+    x = torch.full((16, 1, 28, 28), -0.5)
+    x[:, :, 10:18, 10:18] = 2.0  # 端から離れた四角は、動かしても欠けない
     g = torch.Generator().manual_seed(0)
-    shifted = mnist.random_shift(x, pad=2, generator=g)
-    assert shifted.shape == x.shape
-    torch.testing.assert_close(shifted.sum((1, 2, 3)), x.sum((1, 2, 3)))
-    assert not torch.equal(shifted, x)
-    assert torch.equal(mnist.random_shift(x, pad=0), x)
+    moved = mnist.random_affine(x, generator=g)
+    assert moved.shape == x.shape
+    mass = (moved + 0.5).sum((1, 2, 3)) / (x + 0.5).sum((1, 2, 3))
+    assert ((mass > 0.75) & (mass < 1.3)).all()  # 倍率 1±0.1 の 2 乗の範囲ほど
+    assert torch.allclose(moved[:, :, 0, 0], torch.tensor(-0.5))  # 隅は背景のまま
+    assert (moved - x).abs().amax((1, 2, 3)).min() > 0.1  # どの画像も動いている
+    same = mnist.random_affine(x, degrees=0, scale=0, translate=0)
+    torch.testing.assert_close(same, x)
 
 
 @pytest.mark.parametrize("gz", [False, True])

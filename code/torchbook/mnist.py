@@ -163,17 +163,28 @@ def tensor_batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
             yield inputs[idx], targets[idx]
 
 
-def random_shift(x: torch.Tensor, pad: int = 2,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """バッチの各画像を上下左右に最大 pad 画素ずらします (データ拡張)。"""
-    n, _, h, w = x.shape
-    background = float(x.amin())  # 背景 (黒) の値で周りを埋める
-    padded = F.pad(x, (pad, pad, pad, pad), value=background)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
-    padded = padded.gather(2, rows.expand(n, x.shape[1], h, w + 2 * pad))  # 行を選ぶ
-    return padded.gather(3, cols.expand(n, x.shape[1], h, w))  # 列を選ぶ
+def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: float = 0.1,
+                  translate: float = 0.1,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """バッチの各画像を、ランダムに少し回し・拡大縮小し・ずらします (データ拡張)。
+
+    回転は ±degrees 度、倍率は 1±scale、ずれは画像の幅の ±translate/2 です
+    (28 画素なら ±1.4 画素)。背景 (黒) の値で外側を埋めます。
+    """
+    n = len(x)
+
+    def uniform(*shape: int) -> torch.Tensor:  # -1〜1 の一様乱数
+        return torch.rand(*shape, generator=generator) * 2 - 1
+
+    angle = uniform(n) * degrees * torch.pi / 180
+    s = 1 + uniform(n) * scale
+    shift = uniform(n, 2) * translate
+    cos, sin = s * torch.cos(angle), s * torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # (N, 2, 3) のアフィン行列
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    background = x.amin()
+    return F.grid_sample(x - background, grid, align_corners=False) + background
 
 
 # ---------------------------------------------------------------- モデル
@@ -251,7 +262,7 @@ def train_one_epoch(
     bar = tqdm(batches, desc="訓練", leave=False, disable=not progress)
     for i, (inputs, targets) in enumerate(bar):
         if augment:
-            inputs = random_shift(inputs, generator=generator)
+            inputs = random_affine(inputs, generator=generator)
         inputs, targets = to_device(inputs, device), targets.to(device)
         optimizer.zero_grad()  # 1. 前のステップの勾配を消す
         outputs = model(inputs)  # 2. 順伝播
@@ -312,13 +323,18 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torc
     raise ValueError(f"最適化器は sgd, adam, adadelta のどれかです (渡された名前: {name!r})")
 
 
+# 本書の速いレシピ (オフラインの 8,000 枚で 20 秒以内に 99 % を目指して選んだ値)
+FAST_RECIPE = {"epochs": 10, "batch_size": 128, "lr": 5e-3, "optimizer": "adam",
+               "one_cycle": True, "augment": True, "seed": 1}
+
+
 def fit(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
-    epochs: int,
+    epochs: int = 10,
     optimizer: str = "adam",
-    lr: float = 3e-3,
+    lr: float = 5e-3,
     batch_size: int = 128,
     one_cycle: bool = True,
     augment: bool = True,
@@ -327,7 +343,7 @@ def fit(
 ) -> list[dict[str, float]]:
     """メモリ上のテンソルで学習し、エポックごとの損失・正解率・経過秒数を返します。
 
-    本書の速いレシピ (既定値) は Adam + one-cycle + ずらしによるデータ拡張です。
+    既定値は本書の速いレシピ (Adam + one-cycle + データ拡張) です。
     """
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
@@ -431,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adam", "adadelta"], default="adam",
                    help="最適化器 (既定: adam)")
     p.add_argument("--one-cycle", action="store_true", help="学習率を one-cycle で変える")
-    p.add_argument("--augment", action="store_true", help="画像を最大 2 画素ずらすデータ拡張")
+    p.add_argument("--augment", action="store_true", help="少し回し・拡大縮小し・ずらすデータ拡張")
     p.add_argument("--train-size", type=int, default=None, metavar="N",
                    help="訓練データの先頭 N 枚だけを使う (既定: 全部)")
     p.add_argument("--download", action="store_true",
