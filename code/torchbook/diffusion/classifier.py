@@ -10,7 +10,7 @@ FID や KID は「画像をある特徴空間に写し、本物と生成物の�
 
 学習::
 
-    python -m torchbook.diffusion.classifier --data-root data --epochs 10 --threads 1 \\
+    python -m torchbook.diffusion.classifier --data-root data --epochs 12 --threads 1 \\
         --save code/torchbook/diffusion/weights/fashion_classifier.pt
 """
 
@@ -167,7 +167,7 @@ def train_epoch(
     batches = range(0, len(x), args.batch_size)
     for i in tqdm(batches, desc=f"epoch {epoch}", leave=False):
         idx = perm[i : i + args.batch_size]
-        xb = augment(x[idx]).to(args.device)
+        xb = augment(x[idx], args.max_shift).to(args.device)
         yb = y[idx].to(args.device)
         if args.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -209,10 +209,11 @@ def pick_device(name: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="FID/KID 用の Fashion-MNIST 分類器を学習します")
     p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダ")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3, help="OneCycle の最大学習率")
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--max-shift", type=int, default=1, help="平行移動の最大画素数")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    commit = git_commit()  # 学習を始めた時点のコード
 
     x_train, y_train = load_tensors(args.data_root, train=True)
     x_test, y_test = load_tensors(args.data_root, train=False)
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     info = {
         "command": " ".join(["python -m torchbook.diffusion.classifier"]
                             + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]),
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "max_shift": args.max_shift,
         "epochs": epochs,
         "dry_run": args.dry_run,
         "batch_size": args.batch_size,
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         "real_floor_note": (
             "N 枚の実画像どうしの FID/KID。参照集合 = テスト画像の先頭 N 枚 (test[:N])、"
             "比べる集合 = 重ならない次の N 枚 (test[N:2N])。KID は部分集合の大きさ "
-            "min(1000, N)、100 回の平均と標準偏差。"
+            "min(1000, N/2)、100 回の平均と標準偏差。"
         ),
     }
     save.with_suffix(".json").write_text(

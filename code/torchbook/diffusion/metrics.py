@@ -106,12 +106,13 @@ def kid(
 ) -> tuple[float, float]:
     """KID: 大きさ subset_size の部分集合を n_subsets 回選び、MMD² の平均と標準偏差を返します。
 
-    部分集合の大きさは両方の枚数を超えないように切り詰めます。乱数は ``seed`` で固定します。
+    部分集合の大きさは両方の枚数の半分までに切り詰めます (全体を選ぶと毎回同じ部分集合になり、
+    標準偏差が 0 になってしまうため)。乱数は ``seed`` で固定します。
     """
     a, b = feats_a.double(), feats_b.double()
-    size = min(subset_size, len(a), len(b))
+    size = min(subset_size, len(a) // 2, len(b) // 2)
     if size < 2:
-        raise ValueError("KID には両方とも 2 枚以上の特徴が必要です")
+        raise ValueError("KID には両方とも 4 枚以上の特徴が必要です")
     gen = torch.Generator().manual_seed(seed)
     values = torch.tensor([
         mmd2_unbiased(
