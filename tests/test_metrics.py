@@ -184,6 +184,13 @@ def test_train_cli_dry_run(tmp_path, test_images):
     assert written["command"].endswith(f"--save {save} --batch-size 64")
     model = classifier.load_classifier(save)
     assert isinstance(model, classifier.FashionClassifier)
+    # --evaluate-only は学習の記録を残したまま、測定値と評価コマンドを書き足す
+    classifier.main(["--data-root", str(data_root()), "--evaluate-only", "--save", str(save),
+                     "--floor", "50"])
+    updated = json.loads(save.with_suffix(".json").read_text("utf-8"))
+    assert updated["train_loss"] == written["train_loss"] and updated["test_images"] == 10_000
+    assert set(updated["real_floor"]) == {"50"}
+    assert "--evaluate-only" in updated["evaluation"]["command"]
 
 
 def test_train_cli_rejects_bad_arguments():
