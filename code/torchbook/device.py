@@ -138,6 +138,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     ``deterministic`` が真なら、cuDNN の自動選択 (benchmark) を止め、
     決定的なアルゴリズムだけを使うよう PyTorch に指示します。
     非決定的な演算しかない処理では、PyTorch が例外を出して知らせます。
+    cuBLAS の設定は CUDA を使い始める前に決まるので、プログラムの最初に呼んでください。
     """
     random.seed(seed)
     torch.manual_seed(seed)  # CPU と、すべての GPU の乱数の種
