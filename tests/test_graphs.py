@@ -97,6 +97,9 @@ def test_tensor_tree_expands_first_branch_only():
     assert labels.count("C=0") == 1 and labels.count("C=1") == 1
     assert labels.count("H=0") == 1 and labels.count("H=1") == 1
     assert sum(label.startswith("…") for label in labels) == 2  # N と C に残りがある
+    assert "(画素" not in dot.source
+    noted = graphs.tensor_tree([("H", 2), ("W", 2)], leaf_note="画素の値")
+    assert noted.source.count("(画素の値)") == 2  # W=0 と W=1
 
 
 def test_linear_example_gradients():

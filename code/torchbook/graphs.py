@@ -84,11 +84,14 @@ def autograd_graph(
     return dot
 
 
-def tensor_tree(dims: Sequence[tuple[str, int]], shown: int = 2) -> graphviz.Digraph:
+def tensor_tree(
+    dims: Sequence[tuple[str, int]], shown: int = 2, leaf_note: str | None = None
+) -> graphviz.Digraph:
     """N×C×H×W のような多次元配列を木構造として描きます。
 
     dims は (次元の名前, 大きさ) の列です。各次元では最初の shown 個だけを枝として描き、
     残りは「…」で表します。枝を伸ばすのは各次元の先頭 (番号 0) だけです。
+    leaf_note を渡すと、葉 (最後の次元) のノードにその説明を添えます。
     """
     dot = graphviz.Digraph(name="tensor_tree")
     dot.attr("graph", rankdir="TB", nodesep="0.15", ranksep="0.35")
@@ -103,13 +106,16 @@ def tensor_tree(dims: Sequence[tuple[str, int]], shown: int = 2) -> graphviz.Dig
         name, size = dims[depth]
         for i in range(min(shown, size)):
             nid = f"{prefix}_{i}"
-            dot.node(nid, f"{name}={i}")
+            label = f"{name}={i}"
+            if leaf_note and depth == len(dims) - 1:
+                label += f"\n({leaf_note})"
+            dot.node(nid, label)
             dot.edge(parent, nid)
             if i == 0:
                 grow(nid, depth + 1, nid)
         if size > shown:
             nid = f"{prefix}_more"
-            dot.node(nid, f"… ({name} は {size} 個)", shape="plaintext")
+            dot.node(nid, f"… ({name} は全部で {size} 個)", shape="plaintext")
             dot.edge(parent, nid, style="dashed")
 
     grow("root", 0, "n")
