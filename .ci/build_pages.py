@@ -32,6 +32,8 @@ def main(pages: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "_config.yml"
     cfg["bibtex_bibfiles"] = [str(ROOT / b) for b in cfg["bibtex_bibfiles"]]
+    local = cfg.get("sphinx", {}).get("local_extensions") or {}
+    cfg["sphinx"]["local_extensions"] = {k: str(ROOT / v) for k, v in local.items()}
     cfg_path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     cmd = ["jupyter-book", "build", str(ROOT), "--config", str(cfg_path),
            "--path-output", str(out), "-n", "--keep-going"]
@@ -43,6 +45,8 @@ def main(pages: list[str]) -> int:
         if ("WARNING" in line or "ERROR" in line) and "IPKernelApp" not in line
         and any(w in line for w in wanted)
     ]
+    if proc.returncode and not problems:  # 章に結びつかない失敗 (設定や拡張の読み込みなど)
+        problems = [line for line in log.splitlines()[-15:] if line.strip()]
     print("\n".join(problems) if problems else "警告なし")
     for w in sorted(wanted):
         report = out / "_build" / "html" / "reports" / f"{Path(w).name}.err.log"
