@@ -118,3 +118,15 @@ def test_mean_square_example_matches_seed_and_hand_derivation():
 
 def test_gradients_accumulate():
     assert graphs.accumulated_grads(3) == [5.0, 10.0, 15.0]
+
+
+def test_long_chain_has_one_node_per_operation():
+    x = torch.tensor(1.0, requires_grad=True)
+    y = x
+    for _ in range(30):
+        y = y * 1.5 + 1.0
+    labels = node_labels(graphs.autograd_graph(y, {"x": x}))
+    assert labels.count("MulBackward0") == 30
+    assert labels.count("AddBackward0") == 30
+    assert labels.count("x") == 1
+    assert len(labels) == 30 + 30 + 1 + 1  # 演算、葉、出力

@@ -54,10 +54,14 @@ def autograd_graph(
     dot.attr("graph", rankdir="LR")
     dot.attr("node", fontname=_FONT, fontsize="12")
 
-    ids: dict[int, str] = {}  # id(grad_fn) → "n0", "n1", ... (ビルドごとに同じ SVG にする)
+    # id(grad_fn) → (grad_fn, "n0") 。番号にするのはビルドごとに同じ SVG にするため、
+    # grad_fn 自体も持っておくのは、途中で解放されて id が別のノードに再利用されないためです。
+    ids: dict[int, tuple[object, str]] = {}
 
     def node_id(fn: object) -> str:
-        return ids.setdefault(id(fn), f"n{len(ids)}")
+        if id(fn) not in ids:
+            ids[id(fn)] = (fn, f"n{len(ids)}")
+        return ids[id(fn)][1]
 
     out_id = "out"
     dot.node(out_id, f"{output_name}\n{_shape(output)}", **_OUT_STYLE)
