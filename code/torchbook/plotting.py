@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # 画面のない環境 (CI) でも描けるようにする
-
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib_fontja  # noqa: E402,F401  (import するとフォントが設定される)
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+import matplotlib.pyplot as plt
+import matplotlib_fontja
+import torch
+from torchvision.utils import make_grid
 
 matplotlib_fontja.japanize()
 plt.rcParams["axes.unicode_minus"] = False  # マイナス記号の豆腐を防ぐ
