@@ -1,0 +1,136 @@
+"""逆過程によるサンプリング: DDPM (祖先サンプリング) と DDIM、classifier-free guidance。"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .schedule import NoiseSchedule
+
+
+def guided_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+               y: torch.Tensor | None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """classifier-free guidance 付きの ε の予測。
+
+    本書の約束: ε̂ = ε_u + s · (ε_c - ε_u)  (ε_u はクラスなし、ε_c はクラス y の予測)。
+    s = 0 でクラスなしのモデル、s = 1 で条件付きモデルそのもの、s > 1 でクラスらしさを強調。
+    (もう 1 つの流儀 (1 + w)·ε_c - w·ε_u とは s = 1 + w の関係です。)
+    """
+    if y is None or guidance_scale == 0:
+        return model(x, t, None).float()
+    if guidance_scale == 1:
+        return model(x, t, y).float()
+    null = torch.full_like(y, model.null_class)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
+    eps_c, eps_u = out.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def ddpm_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, x_t: torch.Tensor,
+              noise: torch.Tensor | None = None, clip: bool = True) -> torch.Tensor:
+    """DDPM の 1 ステップ: x_t から x_{t-1} を q(x_{t-1} | x_t, x̂_0) に従って引きます。
+
+    x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t を [-1, 1] に切り詰め、事後分布の平均 μ̃ と
+    分散 β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t を使います。t = 0 (最後) はノイズを足しません。
+    """
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
+    x0 = sched.predict_x0(x_t, tt, eps)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    mean = sched.posterior_mean(x0, x_t, tt)
+    if t == 0:
+        return mean
+    if noise is None:
+        noise = torch.randn_like(x_t)
+    return mean + sched.posterior_variance[t].to(x_t.device).sqrt() * noise
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """DDIM で使う時刻 (大きい順)。T/steps おきに 0 から取ります (diffusers の "leading")。"""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps は 1〜{T} にしてください (受け取ったのは {steps})")
+    ratio = T // steps
+    return [i * ratio for i in reversed(range(steps))]
+
+
+def ddim_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int,
+              x_t: torch.Tensor, eta: float = 0.0, noise: torch.Tensor | None = None,
+              clip: bool = True) -> torch.Tensor:
+    """DDIM の 1 ステップ: 時刻 t から t_prev (< t、-1 なら x_0) へ跳びます。
+
+    x_{t'} = √ᾱ_{t'} x̂_0 + √(1-ᾱ_{t'}-σ²) ε̂ + σ z、
+    σ = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'})。
+    η = 0 でノイズを足さない決定的な写像、η = 1 で DDPM と同じ分散になります。
+    x̂_0 を切り詰めたときは ε̂ も x̂_0 から計算し直します。
+    """
+    ac = sched.alphas_cumprod[t].item()
+    ac_prev = sched.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+    x0 = (x_t - (1 - ac) ** 0.5 * eps) / ac**0.5
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x_t - ac**0.5 * x0) / (1 - ac) ** 0.5
+    var = (1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)
+    std = eta * var**0.5
+    x_prev = ac_prev**0.5 * x0 + (1 - ac_prev - std**2) ** 0.5 * eps
+    if eta > 0 and t_prev >= 0:
+        if noise is None:
+            noise = torch.randn_like(x_t)
+        x_prev = x_prev + std * noise
+    return x_prev
+
+
+@torch.no_grad()
+def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | None = None,
+           guidance_scale: float = 1.0, method: str = "ddim", steps: int = 50, eta: float = 0.0,
+           seed: int | None = 0, device: str | torch.device = "cpu", bf16: bool = False,
+           trajectory_every: int | None = None, progress: bool = False):
+    """純粋なノイズ x_T ~ N(0, I) から n 枚の画像 (n, C, H, W)・[-1, 1] を作ります。
+
+    - method="ddpm": T ステップの祖先サンプリング (steps は無視)。
+    - method="ddim": steps ステップの DDIM (eta=0 で決定的)。
+    - y: クラス (n,)。None ならクラスなし。guidance_scale は ``guided_eps`` を参照。
+    - seed: 同じ seed なら同じ画像 (乱数は CPU の torch.Generator で作ってから移します)。
+    - trajectory_every: 指定すると (画像, [(t, x_t), ...]) を返します (途中経過の記録)。
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    shape = (n, model.in_channels, model.image_size, model.image_size)
+
+    def randn() -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(device)
+
+    x = randn()
+    if y is not None:
+        y = y.to(device)
+    if method == "ddpm":
+        times = list(reversed(range(sched.T)))
+    elif method == "ddim":
+        times = ddim_timesteps(sched.T, steps)
+    else:
+        raise ValueError(f"method は 'ddpm' か 'ddim' です (受け取ったのは {method!r})")
+    traj = [(sched.T, x.cpu())] if trajectory_every else None
+    dev_type = torch.device(device).type
+    for i, t in enumerate(tqdm(times, desc=method, disable=not progress)):
+        tt = torch.full((n,), t, dtype=torch.long, device=device)
+        with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=bf16):
+            eps = guided_eps(model, x, tt, y, guidance_scale)
+        if method == "ddpm":
+            x = ddpm_step(sched, eps, t, x, randn() if t > 0 else None)
+        else:
+            t_prev = times[i + 1] if i + 1 < len(times) else -1
+            x = ddim_step(sched, eps, t, t_prev, x, eta, randn() if eta > 0 else None)
+        if trajectory_every and (i + 1) % trajectory_every == 0:
+            traj.append((max(t_prev if method == "ddim" else t - 1, 0), x.cpu()))
+    x = x.clamp(-1, 1).cpu()
+    return (x, traj) if trajectory_every else x
+
+
+@torch.no_grad()
+def sample_many(model: nn.Module, sched: NoiseSchedule, n: int, batch_size: int = 500,
+                seed: int = 0, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """n 枚をバッチに分けて生成します (バッチ i は seed + i)。評価用の大量生成に使います。"""
+    out = []
+    for b, i in enumerate(range(0, n, batch_size)):
+        yb = y[i : i + batch_size] if y is not None else None
+        out.append(sample(model, sched, min(batch_size, n - i), y=yb, seed=seed + b, **kwargs))
+    return torch.cat(out)

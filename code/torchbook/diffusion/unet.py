@@ -1,0 +1,128 @@
+"""時刻とクラスで条件付けした小さな UNet (ε を予測します)。"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """整数の時刻 t (N,) を正弦波の埋め込み (N, dim) にします (Python のループなし)。
+
+    周波数は 1 から 1/max_period まで等比で並びます。t は 0〜T-1 の整数のまま渡します
+    (t/T のように 0〜1 に縮めると、どの t でもほとんど同じ埋め込みになります)。
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → 3×3 畳み込み を 2 回。途中で時刻・クラスの埋め込みを足します。"""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int = 8,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # 学習開始時は恒等写像に近いブロックにする
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]  # チャネルごとのバイアスとして足す
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class UNet(nn.Module):
+    """解像度を半分ずつ縮めて戻す UNet (既定では 16×16 → 8×8 → 4×4)。
+
+    - ``patch_size``: 最初に画像を patch_size×patch_size の小区画に分け、区画の画素を
+      チャネルに並べ替えます (``pixel_unshuffle``。1×32×32 → 4×16×16)。最後に逆の並べ替え
+      (``pixel_shuffle``) で 32×32 に戻します。畳み込みの計算量が 1/4 になり、CPU で
+      学習できる速さになります。GPU なら ``patch_size=1`` (32×32 のまま) も選べます。
+
+    - ``channels``: 各解像度のチャネル数 (既定 (32, 64, 128))。
+    - ``num_classes``: クラス数。クラス埋め込みは num_classes + 1 個で、最後の番号
+      (= num_classes) が「クラスなし」です (classifier-free guidance 用)。
+    - 正規化は GroupNorm (バッチ内のほかの画像、つまりほかのノイズの強さに影響されない)。
+    """
+
+    def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (32, 64, 128),
+                 num_classes: int = 10, image_size: int = 32, groups: int = 8,
+                 dropout: float = 0.0, patch_size: int = 2) -> None:
+        super().__init__()
+        self.config = {"in_channels": in_channels, "channels": list(channels),
+                       "num_classes": num_classes, "image_size": image_size,
+                       "groups": groups, "dropout": dropout, "patch_size": patch_size}
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.null_class = num_classes
+        self.patch_size = patch_size
+        c_io = in_channels * patch_size**2
+        c0 = channels[0]
+        emb_dim = 4 * c0
+        self.time_dim = c0
+        self.time_mlp = nn.Sequential(nn.Linear(c0, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim)
+        self.conv_in = nn.Conv2d(c_io, c0, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skip_ch = []
+        c_prev = c0
+        for i, c in enumerate(channels):
+            self.down.append(ResBlock(c_prev, c, emb_dim, groups, dropout))
+            skip_ch.append(c)
+            c_prev = c
+            last = i == len(channels) - 1
+            self.downsample.append(
+                nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1))
+        self.mid = ResBlock(c_prev, c_prev, emb_dim, groups, dropout)
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i, c in reversed(list(enumerate(channels))):
+            self.up.append(ResBlock(c_prev + skip_ch[i], c, emb_dim, groups, dropout))
+            c_prev = c
+            self.upsample.append(
+                nn.Identity() if i == 0
+                else nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                   nn.Conv2d(c, channels[i - 1], 3, padding=1)))
+            if i > 0:
+                c_prev = channels[i - 1]
+        self.norm_out = nn.GroupNorm(groups, c0)
+        self.conv_out = nn.Conv2d(c0, c_io, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, C, H, W) の x_t、t: (N,) の整数時刻、y: (N,) のクラス (None ならクラスなし)。"""
+        if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
+            c, s = self.in_channels, self.image_size
+            raise ValueError(
+                f"入力は (N, {c}, {s}, {s}) にしてください (受け取ったのは {tuple(x.shape)})")
+        if y is None:
+            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim)) + self.class_emb(y)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch_size))
+        skips = []
+        for block, down in zip(self.down, self.downsample, strict=True):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid(h, emb)
+        for block, up in zip(self.up, self.upsample, strict=True):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = up(h)
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)
