@@ -1,0 +1,38 @@
+"""diffusion/ フォルダーを単独でコピーしても CLI が動くことのテスト。"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torchbook.diffusion as pkg
+
+SRC = Path(pkg.__file__).resolve().parent
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_copied_folder_runs_alone(tmp_path):
+    """本のほかのモジュールなしで、コピーしたフォルダーが import でき CLI が動く。"""
+    dst = tmp_path / "diffusion"
+    shutil.copytree(SRC, dst, ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    for name in dst.glob("*.py"):
+        for line in name.read_text(encoding="utf-8").splitlines():
+            assert not line.lstrip().startswith(("import torchbook", "from torchbook")), name
+    r = run(["-m", "diffusion.train", "--help"], tmp_path)
+    assert r.returncode == 0 and "--max-minutes" in r.stdout, r.stderr
+    r = run(["-m", "diffusion.train", "--dry-run", "--threads", "1", "--batch-size", "8"],
+            tmp_path)
+    assert r.returncode == 0 and "完了" in r.stdout, r.stderr
+    r = run(["-m", "diffusion.sample", "--dry-run", "--out", "g.png"], tmp_path)
+    assert r.returncode == 0 and (tmp_path / "g.png").stat().st_size > 0, r.stderr
+    r = run(["-m", "diffusion.sample", "--checkpoint", "missing.pt"], tmp_path)
+    assert r.returncode != 0
