@@ -64,7 +64,7 @@ def run(name: str, train, test, epochs: int, batch_size: int, seed: int = 1) -> 
     n_batches = -(-len(train[0]) // batch_size)
     check_every = max(1, n_batches // 4)
     curve, elapsed, images = [], 0.0, 0
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         model.train()
         batches = mnist.tensor_batches(*train, batch_size, shuffle=True, generator=g)
         for i, (x, y) in enumerate(batches):
@@ -86,6 +86,8 @@ def run(name: str, train, test, epochs: int, batch_size: int, seed: int = 1) -> 
                 model.train()
         if per_epoch is not None:
             per_epoch.step()
+        print(f"  {name} エポック {epoch}: テスト正解率 {100 * curve[-1][1]:.2f} %、"
+              f"学習 {elapsed:.1f} 秒", flush=True)
     return {"curve": curve, "seconds": elapsed, "images_per_s": images / elapsed,
             "final": curve[-1][1], "params": mnist.count_parameters(model)}
 
@@ -102,7 +104,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/mnist_bench.txt")
     p.add_argument("--examples-epochs", type=int, default=14)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch のスレッド数 (既定: 変えない。CPU を共有中なら 1 が安定)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = data.data_root()
     train_set = mnist.MNISTDataset.from_dir(root, train=True)
     test_set = mnist.MNISTDataset.from_dir(root, train=False)
