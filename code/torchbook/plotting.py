@@ -185,19 +185,21 @@ def confusion_matrix_plot(
     m = matrix.detach().cpu().long()
     off = m.clone().float()
     off.fill_diagonal_(float("nan"))  # 対角 (正解) は色をつけず、間違いを目立たせる
-    im = ax.imshow(off.numpy(), cmap="Reds", vmin=0)
+    worst = max(int(off.nan_to_num(0).max()), 1)
+    im = ax.imshow(off.numpy(), cmap="Reds", vmin=0, vmax=worst)
     n = len(m)
     for i in range(n):
         for j in range(n):
             v = int(m[i, j])
             if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                        color="black" if i != j else "tab:blue")
+                color = "tab:blue" if i == j else ("white" if v > worst / 2 else "black")
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xlabel("予測したクラス")
     ax.set_ylabel("正解のクラス")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="間違えた枚数")
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="間違えた枚数")
+    bar.set_ticks(sorted({round(worst * k / 4) for k in range(5)}))  # 整数の目盛り
     if title:
         ax.set_title(title)
     return fig
@@ -209,7 +211,7 @@ def captioned_images(
     """(N, 1, H, W) の画像を、それぞれの下に短い説明をつけて並べます。"""
     n = len(images)
     nrow = (n + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.25 * ncol, 1.45 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.25 * ncol, 1.75 * nrow), squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
