@@ -221,3 +221,56 @@ def captioned_images(
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def unet_diagram_png(config: dict) -> bytes:
+    """拡散モデルの章の UNet (``UNet.config``) の構成図を graphviz で描き、PNG を返します。"""
+    import graphviz
+
+    ch = config["channels"]
+    p = config["patch_size"]
+    s = config["image_size"] // p
+    c_io = config["in_channels"] * p * p
+    g = graphviz.Digraph(graph_attr={"rankdir": "TB", "fontname": "IPAexGothic", "dpi": "110",
+                                     "nodesep": "0.25", "ranksep": "0.3"},
+                         node_attr={"shape": "box", "style": "rounded,filled",
+                                    "fontname": "IPAexGothic", "fontsize": "11",
+                                    "fillcolor": "#eef3fb"},
+                         edge_attr={"fontname": "IPAexGothic", "fontsize": "9"})
+    g.node("x", f"入力 x_t\n1×{config['image_size']}×{config['image_size']}", fillcolor="#ffffff")
+    g.node("unshuf", f"pixel_unshuffle ({p}×{p} の区画をチャネルへ)\n{c_io}×{s}×{s}")
+    g.node("conv_in", f"3×3 畳み込み\n{ch[0]}×{s}×{s}")
+    g.edges([("x", "unshuf"), ("unshuf", "conv_in")])
+    prev, res = "conv_in", s
+    for i, c in enumerate(ch):
+        g.node(f"d{i}", f"ResBlock {c}ch\n{res}×{res}", fillcolor="#d8e6f7")
+        g.edge(prev, f"d{i}")
+        prev = f"d{i}"
+        if i < len(ch) - 1:
+            g.node(f"ds{i}", f"3×3 畳み込み (stride 2)\n{c}×{res // 2}×{res // 2}")
+            g.edge(prev, f"ds{i}")
+            prev, res = f"ds{i}", res // 2
+    g.node("mid", f"ResBlock {ch[-1]}ch (中央)\n{res}×{res}", fillcolor="#c9dbf2")
+    g.edge(prev, "mid")
+    prev = "mid"
+    for i in reversed(range(len(ch))):
+        g.node(f"u{i}", f"連結 → ResBlock {ch[i]}ch\n{res}×{res}", fillcolor="#f7e3d8")
+        g.edge(prev, f"u{i}")
+        g.edge(f"d{i}", f"u{i}", style="dashed", color="#888888", label="スキップ接続",
+               constraint="false")
+        prev = f"u{i}"
+        if i > 0:
+            g.node(f"us{i}", f"2 倍に拡大 + 3×3 畳み込み\n{ch[i - 1]}×{res * 2}×{res * 2}")
+            g.edge(prev, f"us{i}")
+            prev, res = f"us{i}", res * 2
+    g.node("out", f"GroupNorm → SiLU → 3×3 畳み込み\n{c_io}×{s}×{s}")
+    g.node("shuf", f"pixel_shuffle\n出力 (ε の予測) 1×{config['image_size']}×{config['image_size']}",
+           fillcolor="#ffffff")
+    g.edges([(prev, "out"), ("out", "shuf")])
+    with g.subgraph(name="cluster_emb") as e:
+        e.attr(label="条件の埋め込み", fontname="IPAexGothic", style="dashed")
+        e.node("t", "時刻 t (整数)\n正弦波埋め込み → MLP", fillcolor="#e6f4e6")
+        e.node("y", "クラス y (0〜9、10 = クラスなし)\nnn.Embedding", fillcolor="#e6f4e6")
+        e.node("emb", f"和 ({4 * ch[0]} 次元)\n各 ResBlock へ", fillcolor="#e6f4e6")
+        e.edges([("t", "emb"), ("y", "emb")])
+    return g.pipe(format="png")
