@@ -171,6 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last メモリ形式 (既定: CPU と CUDA で使う)")
     p.add_argument("--save-every", type=int, default=500, help="何ステップごとに保存するか")
+    p.add_argument("--log-every", type=int, default=100, help="何ステップごとに損失を記録するか")
     p.add_argument("--max-minutes", type=float, default=None, help="この時間で学習を打ち切る")
     p.add_argument("--resume", action="store_true", help="out/last.pt から再開する")
     p.add_argument("--export", default=None, help="最後に EMA の重みだけをここへ保存する")
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         running += loss.item()
         count += 1
         bar.update(1)
-        if step % 100 == 0 or step == args.steps:
+        if step % args.log_every == 0 or step == args.steps:
             history.append([step, running / count])
             bar.set_postfix(loss=f"{running / count:.4f}")
             running, count = 0.0, 0
