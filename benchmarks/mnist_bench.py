@@ -146,6 +146,10 @@ def main() -> None:
         b = time_to(results["examples"]["curve"], target)
         if a and b:
             rows.append(f"{target:.0%} に届くまでの時間の比 (examples / 本書): {b / a:.1f} 倍")
+        elif a:  # examples は最後まで届かなかった: 全学習時間との比は下限になる
+            total = results["examples"]["seconds"]
+            rows.append(f"{target:.0%}: examples は {total:.1f} 秒の学習で届かず。"
+                        f"時間の比は {total / a:.1f} 倍より大きい (examples の全学習時間 / 本書)")
         else:
             rows.append(f"{target:.0%}: 本書 {'届いた' if a else '届かず'}, "
                         f"examples {'届いた' if b else '届かず'} (比は出せません)")
