@@ -92,6 +92,7 @@ def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | 
     - y: クラス (n,)。None ならクラスなし。guidance_scale は ``guided_eps`` を参照。
     - seed: 同じ seed なら同じ画像 (乱数は CPU の torch.Generator で作ってから移します)。
     - trajectory_every: 指定すると (画像, [(t, x_t), ...]) を返します (途中経過の記録)。
+      t は論文の番号 (x_T の T から x_0 の 0 まで) です。
     """
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     shape = (n, model.in_channels, model.image_size, model.image_size)
@@ -120,7 +121,8 @@ def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | 
             t_prev = times[i + 1] if i + 1 < len(times) else -1
             x = ddim_step(sched, eps, t, t_prev, x, eta, randn() if eta > 0 else None)
         if trajectory_every and (i + 1) % trajectory_every == 0:
-            traj.append((max(t_prev if method == "ddim" else t - 1, 0), x.cpu()))
+            # 論文の番号 (1..T、x_0 が 0) で記録する。コードの t から 1 歩戻った x は論文の x_t
+            traj.append((t_prev + 1 if method == "ddim" else t, x.cpu()))
     x = x.clamp(-1, 1).cpu()
     return (x, traj) if trajectory_every else x
 
