@@ -248,3 +248,22 @@ def test_checkpoint_round_trip_and_wrong_architecture(tmp_path):
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="DDPM"):
         load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_train_cli_resume_and_wrong_architecture(tmp_path):
+    from torchbook.data import data_root
+    from torchbook.diffusion import train
+
+    root = data_root()
+    if not (root / "FashionMNIST").exists():
+        pytest.skip("Fashion-MNIST がありません")
+    common = ["--data-root", str(root), "--out", str(tmp_path), "--channels", "16,32",
+              "--threads", "1", "--limit", "64", "--batch-size", "8", "--save-every", "1"]
+    first = train.main([*common, "--steps", "2"])
+    resumed = train.main([*common, "--steps", "4", "--resume", "--export",
+                          str(tmp_path / "ema.pt")])
+    assert first["step"] == 2 and resumed["step"] == 4
+    model, _, ckpt = load_checkpoint(tmp_path / "ema.pt")
+    assert ckpt["step"] == 4 and "model" not in ckpt  # 配布用は EMA の重みだけ
+    with pytest.raises(ValueError, match="別の構造"):
+        train.main([*common[:5], "16,64", *common[6:], "--steps", "6", "--resume"])
