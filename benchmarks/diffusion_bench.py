@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -144,6 +145,8 @@ def main() -> None:
     x = torch.rand(args.batch_size, 1, 32, 32) * 2 - 1
     y = torch.randint(0, 10, (args.batch_size,))
     sched = NoiseSchedule.from_name("cosine")
+    print(f"日時: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 開始時の負荷 (loadavg) "
+          f"{os.getloadavg()[0]:.2f}, torch {torch.__version__}")
     print(f"threads={torch.get_num_threads()}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, bf16 が速い: {bf16_supported('cpu')}")
 
