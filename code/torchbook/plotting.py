@@ -264,8 +264,8 @@ def unet_diagram_png(config: dict) -> bytes:
             g.edge(prev, f"us{i}")
             prev, res = f"us{i}", res * 2
     g.node("out", f"GroupNorm → SiLU → 3×3 畳み込み\n{c_io}×{s}×{s}")
-    g.node("shuf", f"pixel_shuffle\n出力 (ε の予測) 1×{config['image_size']}×{config['image_size']}",
-           fillcolor="#ffffff")
+    size = config["image_size"]
+    g.node("shuf", f"pixel_shuffle\n出力 (ε の予測) 1×{size}×{size}", fillcolor="#ffffff")
     g.edges([(prev, "out"), ("out", "shuf")])
     with g.subgraph(name="cluster_emb") as e:
         e.attr(label="条件の埋め込み", fontname="IPAexGothic", style="dashed")
