@@ -158,9 +158,7 @@ def real_floor(
     生成画像がどれほど良くても、同じ枚数ではこの値より大きく下回ることはありません。
     """
     ref, other = real_split(images, n)
-    feats_ref = extract_features(model, ref, batch_size, device)
-    feats_other = extract_features(model, other, batch_size, device)
-    return fid_kid(feats_ref, feats_other, seed=seed)
+    return score_samples(model, other, ref, batch_size, device, seed)  # other を「生成画像」役に
 
 
 def score_samples(
