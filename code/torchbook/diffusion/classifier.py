@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import load_tensors
+from .train import git_commit  # 来歴 JSON に書くコミット (学習 CLI と同じ関数)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "fashion_classifier.pt"
@@ -183,18 +183,6 @@ def train_epoch(
         if args.dry_run:
             break
     return total / count
-
-
-def git_commit() -> str | None:
-    """このファイルがある git リポジトリのコミット (なければ None)。"""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, check=True, timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def pick_device(name: str) -> str:

@@ -139,6 +139,7 @@ def bf16_supported(device: str) -> bool:
 
 
 def git_commit() -> str | None:
+    """このファイルがある git リポジトリのコミット (なければ None)。"""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, check=True, timeout=10)
