@@ -1,4 +1,4 @@
-"""diffusion/ フォルダーを単独でコピーしても CLI が動くことのテスト。"""
+"""diffusion/ の CLI のテスト: フォルダー単独のコピーで動くこと、評価 JSON の並行書き込み。"""
 
 from __future__ import annotations
 
@@ -36,3 +36,28 @@ def test_copied_folder_runs_alone(tmp_path):
     assert r.returncode == 0 and (tmp_path / "g.png").stat().st_size > 0, r.stderr
     r = run(["-m", "diffusion.sample", "--checkpoint", "missing.pt"], tmp_path)
     assert r.returncode != 0
+
+
+def _write_keys(path: str, prefix: str, n: int) -> None:
+    from torchbook.diffusion.evaluate import update_json
+
+    for i in range(n):
+        update_json(Path(path), f"{prefix}{i}", {"fid": float(i)})
+
+
+def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
+    import json
+    import multiprocessing as mp
+
+    path = tmp_path / "ddpm.json"
+    path.write_text(json.dumps({"train": {"step": 7}}))
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_keys, args=(str(path), p, 30)) for p in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    data = json.loads(path.read_text())
+    assert data["train"] == {"step": 7}
+    assert sorted(data["eval"]) == sorted(f"{p}{i}" for p in "ab" for i in range(30))

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
 import sys
@@ -73,18 +72,21 @@ def run_task(task: str, model, sched, clf, test: torch.Tensor, n: int, batch_siz
 
 
 def update_json(path: Path, key: str, value: dict) -> None:
-    """JSON の "eval" に key: value を書き足します (並行する評価どうしはファイルロックで守る)。"""
-    lock_path = path.with_suffix(".lock")
-    with open(lock_path, "w") as lock:
+    """JSON の "eval" に key: value を書き足します。
+
+    並行して動く評価どうしが互いの結果を消さないよう、JSON そのものをロックして
+    読み・書きします (fcntl のない Windows ではロックなし)。
+    """
+    with open(path, "a+", encoding="utf-8") as f:
         if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        data = json.loads(path.read_text()) if path.is_file() else {}
+            fcntl.flock(f, fcntl.LOCK_EX)  # ファイルを閉じるとロックも外れる
+        f.seek(0)
+        text = f.read()
+        data = json.loads(text) if text.strip() else {}
         data.setdefault("eval", {})[key] = value
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=1))
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    with contextlib.suppress(OSError):
-        lock_path.unlink()
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(data, ensure_ascii=False, indent=1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
