@@ -265,5 +265,13 @@ def test_train_cli_resume_and_wrong_architecture(tmp_path):
     assert first["step"] == 2 and resumed["step"] == 4
     model, _, ckpt = load_checkpoint(tmp_path / "ema.pt")
     assert ckpt["step"] == 4 and "model" not in ckpt  # 配布用は EMA の重みだけ
+    # 中断して再開しても、中断なしの 4 ステップと同じ重みになる
+    straight_dir = tmp_path / "straight"
+    straight = [*common[:3], str(straight_dir), *common[4:]]
+    train.main([*straight, "--steps", "4", "--export", str(straight_dir / "ema.pt")])
+    model_straight, _, _ = load_checkpoint(straight_dir / "ema.pt")
+    for a, b in zip(model.state_dict().values(), model_straight.state_dict().values(),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="別の構造"):
         train.main([*common[:5], "16,64", *common[6:], "--steps", "6", "--resume"])

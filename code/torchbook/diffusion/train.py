@@ -82,8 +82,12 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema: EMA, schedule_name: str,
                     T: int, extra: dict | None = None, ema_only: bool = False,
                     optimizer: torch.optim.Optimizer | None = None,
-                    lr_scheduler=None, step: int = 0) -> None:
-    """チェックポイントを保存します。ema_only=True なら EMA の重みだけ (配布用に小さい)。"""
+                    lr_scheduler=None, step: int = 0,
+                    generator: torch.Generator | None = None) -> None:
+    """チェックポイントを保存します。ema_only=True なら EMA の重みだけ (配布用に小さい)。
+
+    再開用には最適化器・学習率・乱数の状態も保存し、続きが中断なしと同じになるようにします。
+    """
     ckpt = {"kind": CHECKPOINT_KIND, "unet": model.config, "schedule": schedule_name, "T": T,
             "step": step, "ema": ema.model.state_dict(), "ema_step": ema.step,
             "extra": extra or {}}
@@ -92,6 +96,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema: EMA, schedul
         ckpt["optimizer"] = optimizer.state_dict() if optimizer else None
         ckpt["lr_scheduler"] = lr_scheduler.state_dict() if lr_scheduler else None
         ckpt["rng"] = torch.get_rng_state()
+        ckpt["generator"] = generator.get_state() if generator else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -229,7 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         lr_sched.load_state_dict(ckpt["lr_scheduler"])
         torch.set_rng_state(ckpt["rng"])
-        gen.manual_seed(args.seed + ckpt["step"])
+        if ckpt.get("generator") is not None:
+            gen.set_state(ckpt["generator"])
+        else:  # 古い形式のチェックポイント
+            gen.manual_seed(args.seed + ckpt["step"])
         step = ckpt["step"]
         history = ckpt["extra"].get("history", [])
         elapsed_before = ckpt["extra"].get("wall_seconds", 0.0)
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         if step % args.save_every == 0 or step == args.steps or timeout:
             if not args.dry_run:
                 save_checkpoint(last, model, ema, args.schedule, args.T, extra(), False,
-                                opt, lr_sched, step)
+                                opt, lr_sched, step, gen)
         if timeout:
             stopped_early = True
             print(f"--max-minutes {args.max_minutes} に達したのでステップ {step} で止めます")
