@@ -76,13 +76,13 @@ def test_q_sample_mean_and_variance():
 # ---------------------------------------------------------------- diffusers と突き合わせ
 
 
-def diffusers_schedulers(betas):
+def diffusers_schedulers(betas, spacing="trailing"):
     diffusers = pytest.importorskip("diffusers")
     common = {"num_train_timesteps": len(betas), "trained_betas": betas.numpy(),
               "clip_sample": True, "clip_sample_range": 1.0, "prediction_type": "epsilon"}
     ddpm = diffusers.DDPMScheduler(variance_type="fixed_small", **common)
     ddim = diffusers.DDIMScheduler(set_alpha_to_one=True, steps_offset=0,
-                                   timestep_spacing="leading", **common)
+                                   timestep_spacing=spacing, **common)
     return ddpm, ddim
 
 
@@ -108,12 +108,13 @@ def test_forward_and_ddpm_step_match_diffusers(name):
         torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_step_matches_diffusers(eta):
+def test_ddim_step_matches_diffusers(eta, spacing):
     s = NoiseSchedule.from_name("cosine")
-    _, ddim = diffusers_schedulers(s.betas)
+    _, ddim = diffusers_schedulers(s.betas, spacing)
     ddim.set_timesteps(50)
-    times = ddim_timesteps(s.T, 50)
+    times = ddim_timesteps(s.T, 50, spacing)
     assert times == ddim.timesteps.tolist()
     g = torch.Generator().manual_seed(2)
     for i in [0, 25, 49]:
@@ -128,10 +129,20 @@ def test_ddim_step_matches_diffusers(eta):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("steps", [1, 7, 10, 20, 30, 100, 1000])
+def test_ddim_trailing_timesteps_match_diffusers(steps):
+    _, ddim = diffusers_schedulers(NoiseSchedule.from_name("linear").betas)
+    ddim.set_timesteps(steps)
+    assert ddim_timesteps(1000, steps) == ddim.timesteps.tolist()
+
+
 def test_ddim_timesteps_errors():
-    assert ddim_timesteps(1000, 10) == list(range(900, -1, -100))
-    with pytest.raises(ValueError):
+    assert ddim_timesteps(1000, 10, "leading") == list(range(900, -1, -100))
+    assert ddim_timesteps(1000, 10) == list(range(999, 0, -100))
+    with pytest.raises(ValueError, match="steps"):
         ddim_timesteps(1000, 0)
+    with pytest.raises(ValueError, match="spacing"):
+        ddim_timesteps(1000, 10, "uniform")
 
 
 # ---------------------------------------------------------------- UNet と guidance

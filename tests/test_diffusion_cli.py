@@ -61,3 +61,20 @@ def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
     data = json.loads(path.read_text())
     assert data["train"] == {"step": 7}
     assert sorted(data["eval"]) == sorted(f"{p}{i}" for p in "ab" for i in range(30))
+
+
+def test_evaluate_tasks_parse_eta_and_reject_typos(capsys):
+    import pytest
+    from torchbook.diffusion.evaluate import parse_args, parse_task
+
+    assert parse_task("floor") == {}
+    assert parse_task("ddim:20")["steps"] == 20 and parse_task("ddim:20")["eta"] == 0.0
+    assert parse_task("ddim:50:1")["eta"] == 1.0
+    g = parse_task("guidance:2.5:0.5")
+    assert (g["guidance_scale"], g["steps"], g["eta"]) == (2.5, 50, 0.5)
+    assert parse_task("ddpm")["method"] == "ddpm"
+    # 綴りの誤りはモデルを読み込む前に、使えるタスクを示して止まる
+    for bad in ["ddim", "ddim:x", "ddpm:3", "guidance:1:2:3", "fid"]:
+        with pytest.raises(SystemExit):
+            parse_args(["--tasks", "floor", bad])
+        assert "ddim:<steps>[:<eta>]" in capsys.readouterr().err

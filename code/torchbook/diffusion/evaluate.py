@@ -7,11 +7,12 @@
 
     python -m torchbook.diffusion.evaluate --data-root data --n 1000 --tasks floor ddim:50 ddim:10
     python -m torchbook.diffusion.evaluate --data-root data --n 250 --tasks ddpm ddim:50
-    python -m torchbook.diffusion.evaluate --data-root data --n 500 --tasks guidance:0 guidance:2
+    python -m torchbook.diffusion.evaluate --data-root data --n 500 --tasks guidance:2:1
 
-タスク: ``floor`` (本物どうしの下限)、``ddim:<steps>``、``ddpm`` (1000 ステップ)、
-``guidance:<s>`` (DDIM 50 ステップ、スケール s、クラス正解率も)。生成にはクラス
-0〜9 を均等に割り当て、``ddim``/``ddpm`` は s = 1 (条件付きモデルそのもの) で生成します。
+タスク: ``floor`` (本物どうしの下限)、``ddim:<steps>[:<eta>]``、``ddpm`` (1000 ステップ)、
+``guidance:<s>[:<eta>]`` (DDIM 50 ステップ、スケール s)。η を省くと 0 (決定的な DDIM)。
+生成にはクラス 0〜9 を均等に割り当て、``ddim``/``ddpm`` は s = 1 (条件付きモデルそのもの)
+で生成します。どのタスクもクラスの正解率を一緒に測ります。
 """
 
 from __future__ import annotations
@@ -43,24 +44,39 @@ def balanced_labels(n: int) -> torch.Tensor:
     return torch.arange(n) % 10
 
 
+def parse_task(task: str) -> dict:
+    """タスク名を ``sample`` の引数に直します ("floor" は空の辞書)。"""
+    if task == "floor":
+        return {}
+    name, *args = task.split(":")
+    kwargs = {"method": "ddim", "steps": 50, "eta": 0.0, "spacing": "trailing",
+              "guidance_scale": 1.0}
+    try:
+        if name == "ddim" and 1 <= len(args) <= 2:
+            kwargs["steps"] = int(args[0])
+        elif name == "guidance" and 1 <= len(args) <= 2:
+            kwargs["guidance_scale"] = float(args[0])
+        elif name == "ddpm" and not args:
+            kwargs = {"method": "ddpm", "guidance_scale": 1.0}
+        else:
+            raise ValueError
+        if len(args) == 2:
+            kwargs["eta"] = float(args[1])
+    except ValueError:
+        raise ValueError(f"未知のタスク {task!r}: floor, ddpm, ddim:<steps>[:<eta>], "
+                         "guidance:<s>[:<eta>] のどれかにしてください") from None
+    return kwargs
+
+
 def run_task(task: str, model, sched, clf, test: torch.Tensor, n: int, batch_size: int,
              seed: int, bf16: bool) -> dict:
     """1 つのタスクを実行し、結果の辞書を返します。"""
-    if task == "floor":
+    kwargs = parse_task(task)
+    if not kwargs:
         t0 = time.time()
         res = real_floor(clf, test, n)
         return {**res, "seconds": time.time() - t0}
-    name, _, arg = task.partition(":")
     y = balanced_labels(n)
-    kwargs = {"method": "ddim", "steps": 50, "guidance_scale": 1.0}
-    if name == "ddim":
-        kwargs["steps"] = int(arg)
-    elif name == "ddpm":
-        kwargs["method"] = "ddpm"
-    elif name == "guidance":
-        kwargs["guidance_scale"] = float(arg)
-    else:
-        raise ValueError(f"未知のタスク {task!r}")
     t0 = time.time()
     x = sample_many(model, sched, n, batch_size=batch_size, seed=seed, y=y, bf16=bf16, **kwargs)
     seconds = time.time() - t0
@@ -101,7 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bf16", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for task in args.tasks:
+        try:
+            parse_task(task)
+        except ValueError as e:
+            p.error(str(e))
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -46,12 +46,23 @@ def ddpm_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, x_t: torch.Tensor
     return mean + sched.posterior_variance[t].to(x_t.device).sqrt() * noise
 
 
-def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """DDIM で使う時刻 (大きい順)。T/steps おきに 0 から取ります (diffusers の "leading")。"""
+def ddim_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """DDIM で通る時刻 (大きい順、コードの番号 0..T-1)。
+
+    - "trailing" (既定): T-1 から T/steps おきに下る。最初の一歩が純粋なノイズに
+      いちばん近い t = T-1 から始まるので、少ないステップでも x_T と食い違いません
+      (Lin et al. 2024。diffusers の timestep_spacing="trailing" と同じ)。
+    - "leading": 0 から T/steps おきに上る (DDIM の原論文と diffusers の既定)。
+      ステップが少ないと最初の t が T-1 から離れます。
+    """
     if not 1 <= steps <= T:
         raise ValueError(f"steps は 1〜{T} にしてください (受け取ったのは {steps})")
-    ratio = T // steps
-    return [i * ratio for i in reversed(range(steps))]
+    if spacing == "trailing":
+        return [round(T - i * T / steps) - 1 for i in range(steps)]
+    if spacing == "leading":
+        ratio = T // steps
+        return [i * ratio for i in reversed(range(steps))]
+    raise ValueError(f"spacing は 'trailing' か 'leading' です (受け取ったのは {spacing!r})")
 
 
 def ddim_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int,
@@ -83,12 +94,12 @@ def ddim_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int,
 @torch.no_grad()
 def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | None = None,
            guidance_scale: float = 1.0, method: str = "ddim", steps: int = 50, eta: float = 0.0,
-           seed: int | None = 0, device: str | torch.device = "cpu", bf16: bool = False,
-           trajectory_every: int | None = None, progress: bool = False):
+           spacing: str = "trailing", seed: int | None = 0, device: str | torch.device = "cpu",
+           bf16: bool = False, trajectory_every: int | None = None, progress: bool = False):
     """純粋なノイズ x_T ~ N(0, I) から n 枚の画像 (n, C, H, W)・[-1, 1] を作ります。
 
     - method="ddpm": T ステップの祖先サンプリング (steps は無視)。
-    - method="ddim": steps ステップの DDIM (eta=0 で決定的)。
+    - method="ddim": steps ステップの DDIM (eta=0 で決定的、時刻の選び方は spacing)。
     - y: クラス (n,)。None ならクラスなし。guidance_scale は ``guided_eps`` を参照。
     - seed: 同じ seed なら同じ画像 (乱数は CPU の torch.Generator で作ってから移します)。
     - trajectory_every: 指定すると (画像, [(t, x_t), ...]) を返します (途中経過の記録)。
@@ -106,7 +117,7 @@ def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | 
     if method == "ddpm":
         times = list(reversed(range(sched.T)))
     elif method == "ddim":
-        times = ddim_timesteps(sched.T, steps)
+        times = ddim_timesteps(sched.T, steps, spacing)
     else:
         raise ValueError(f"method は 'ddpm' か 'ddim' です (受け取ったのは {method!r})")
     traj = [(sched.T, x.cpu())] if trajectory_every else None
