@@ -239,6 +239,23 @@ def test_samplers_deterministic_under_seed():
         sample(model, s, 1, method="euler")
 
 
+def test_sample_from_given_noise():
+    model = tiny_unet()
+    s = NoiseSchedule.from_name("cosine", T=100)
+    x_T = torch.randn((2, 1, 32, 32), generator=torch.Generator().manual_seed(3))
+    # seed から引いたノイズを渡せば、seed で生成したのと同じ画像になる
+    torch.testing.assert_close(sample(model, s, 2, steps=5, x_T=x_T),
+                               sample(model, s, 2, steps=5, seed=3))
+    # η = 0 では画像が x_T だけで決まる (seed は使われない)
+    torch.testing.assert_close(sample(model, s, 2, steps=5, x_T=x_T, seed=0),
+                               sample(model, s, 2, steps=5, x_T=x_T, seed=9))
+    # η = 1 では途中のノイズが seed で変わる
+    a = sample(model, s, 2, steps=5, eta=1.0, x_T=x_T, seed=0)
+    assert not torch.equal(a, sample(model, s, 2, steps=5, eta=1.0, x_T=x_T, seed=9))
+    with pytest.raises(ValueError, match="x_T の形"):
+        sample(model, s, 3, steps=5, x_T=x_T)
+
+
 def test_checkpoint_round_trip_and_wrong_architecture(tmp_path):
     model = tiny_unet()
     ema = EMA(model)

@@ -95,13 +95,16 @@ def ddim_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int,
 def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | None = None,
            guidance_scale: float = 1.0, method: str = "ddim", steps: int = 50, eta: float = 0.0,
            spacing: str = "trailing", seed: int | None = 0, device: str | torch.device = "cpu",
-           bf16: bool = False, trajectory_every: int | None = None, progress: bool = False):
+           bf16: bool = False, trajectory_every: int | None = None, progress: bool = False,
+           x_T: torch.Tensor | None = None):
     """純粋なノイズ x_T ~ N(0, I) から n 枚の画像 (n, C, H, W)・[-1, 1] を作ります。
 
     - method="ddpm": T ステップの祖先サンプリング (steps は無視)。
     - method="ddim": steps ステップの DDIM (eta=0 で決定的、時刻の選び方は spacing)。
     - y: クラス (n,)。None ならクラスなし。guidance_scale は ``guided_eps`` を参照。
     - seed: 同じ seed なら同じ画像 (乱数は CPU の torch.Generator で作ってから移します)。
+    - x_T: 出発点のノイズ (n, C, H, W)。省くと seed から引きます。η = 0 の DDIM では
+      x_T だけで画像が決まるので、x_T を補間すると画像が滑らかに移り変わります。
     - trajectory_every: 指定すると (画像, [(t, x_t), ...]) を返します (途中経過の記録)。
       t は論文の番号 (x_T の T から x_0 の 0 まで) です。
     """
@@ -111,7 +114,12 @@ def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | 
     def randn() -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(device)
 
-    x = randn()
+    if x_T is None:
+        x = randn()
+    elif tuple(x_T.shape) == shape:
+        x = x_T.to(device)
+    else:
+        raise ValueError(f"x_T の形 {tuple(x_T.shape)} がモデルの入力 {shape} と合いません")
     if y is not None:
         y = y.to(device)
     if method == "ddpm":
