@@ -201,8 +201,9 @@ def main() -> None:
         ev = json.loads(info.read_text()).get("eval", {})
         print("\n来歴 JSON の FID (evaluate CLI):")
         runs = sorted((k for k in ev if "fid" in ev[k] and not k.startswith("floor")),
-                      key=lambda k: (ev[k]["n"], ev[k]["method"], ev[k].get("guidance_scale"),
-                                     ev[k].get("steps", 0), ev[k].get("eta", 0)))
+                      key=lambda k: (ev[k]["n"], ev[k]["method"], ev[k]["guidance_scale"] != 1,
+                                     ev[k]["guidance_scale"], ev[k].get("steps", 0),
+                                     ev[k].get("eta", 0)))
         for key in runs:
             r = ev[key]
             floor = ev.get(f"floor@{r['n']}", {}).get("fid", math.nan)

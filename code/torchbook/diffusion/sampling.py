@@ -51,7 +51,7 @@ def ddim_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
 
     - "trailing" (既定): T-1 から T/steps おきに下る。最初の一歩が純粋なノイズに
       いちばん近い t = T-1 から始まるので、少ないステップでも x_T と食い違いません
-      (Lin et al. 2024。diffusers の timestep_spacing="trailing" と同じ)。
+      (Lin et al. 2024。diffusers の timestep_spacing="trailing" に当たります)。
     - "leading": 0 から T/steps おきに上る (DDIM の原論文と diffusers の既定)。
       ステップが少ないと最初の t が T-1 から離れます。
     """
