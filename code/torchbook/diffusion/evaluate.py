@@ -112,7 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default="data")
     p.add_argument("--classifier", default=None, help="分類器の重み (既定: 同梱の重み)")
     p.add_argument("--n", type=int, default=1000, help="生成枚数 (= 比べる本物の枚数)")
-    p.add_argument("--tasks", nargs="+", default=["floor", "ddim:50"])
+    p.add_argument("--tasks", nargs="+", default=["floor", "ddim:50:1"],
+                   help="floor, ddpm, ddim:<steps>[:<eta>], guidance:<s>[:<eta>] "
+                        "(既定は下限と、sample CLI の既定と同じ DDIM 50・η = 1)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=None)
