@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchbook import data, mnist
+from booktools import data
+from torchbook import mnist
 
 
 class ExamplesNet(nn.Module):

@@ -64,6 +64,6 @@ else
 fi
 
 say "データ (MNIST, Fashion-MNIST)"
-"$PYTHON" -m torchbook.data
+"$PYTHON" -m booktools.data
 
 say "準備ができました"

@@ -1,9 +1,9 @@
-"""torchbook.bookenv: 環境の表と、jupyter-cache からの実行時間の読み取り。"""
+"""booktools.bookenv: 環境の表と、jupyter-cache からの実行時間の読み取り。"""
 
 import json
 import sqlite3
 
-from torchbook import bookenv, data
+from booktools import bookenv, data
 
 
 def test_environment_info_has_versions_device_and_data(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""torchbook.data: IDX の読み書き、npm JSON の変換、層化分割、準備とエラー。"""
+"""booktools.data: IDX の読み書き、npm JSON の変換、層化分割、準備とエラー。"""
 
 import gzip
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchbook import data
+from booktools import data
 from torchvision import datasets
 
 
@@ -61,7 +61,7 @@ def test_garbage_and_bad_gzip_are_clear_errors(tmp_path):
     (tmp_path / "b.gz").write_bytes(b"\x1f\x8b broken")
     with pytest.raises(data.DataError, match="読めません"):
         data.read_idx(tmp_path / "b.gz")
-    with pytest.raises(data.DataError, match="torchbook.data"):
+    with pytest.raises(data.DataError, match="booktools.data"):
         data.read_idx(tmp_path / "missing")
 
 

@@ -279,7 +279,7 @@ def test_checkpoint_round_trip_and_wrong_architecture(tmp_path):
 
 
 def test_train_cli_resume_and_wrong_architecture(tmp_path):
-    from torchbook.data import data_root
+    from booktools.data import data_root
     from torchbook.diffusion import train
 
     root = data_root()

@@ -1,11 +1,11 @@
-"""torchbook.graphs のテスト: 計算グラフの図と、章の例が示す値。"""
+"""booktools.graphs のテスト: 計算グラフの図と、章の例が示す値。"""
 
 import re
 
 import pytest
 import torch
 from torch import nn
-from torchbook import graphs
+from booktools import graphs
 
 
 def node_ids(dot) -> list[tuple[str, str]]:

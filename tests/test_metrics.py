@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from torchbook.data import data_root
+from booktools.data import data_root
 from torchbook.diffusion import classifier, metrics
 from torchbook.diffusion.data import load_tensors
 
@@ -114,7 +114,7 @@ def test_images():
     try:
         x, y = load_tensors(data_root(), train=False)
     except FileNotFoundError:
-        pytest.skip("Fashion-MNIST がありません (python -m torchbook.data で用意します)")
+        pytest.skip("Fashion-MNIST がありません (python -m booktools.data で用意します)")
     return x[:1000], y[:1000]
 
 

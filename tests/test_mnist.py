@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchbook import data, mnist
+from booktools import data
+from torchbook import mnist
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "code" / "torchbook" / "mnist.py"

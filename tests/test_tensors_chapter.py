@@ -1,7 +1,7 @@
-"""テンソルの章の図と表を作る関数 (torchbook.plotting) のテスト。"""
+"""テンソルの章の図と表を作る関数 (booktools.plotting) のテスト。"""
 
 import torch
-from torchbook import plotting
+from booktools import plotting
 
 
 def test_dtype_table_is_built_from_torch():

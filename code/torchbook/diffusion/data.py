@@ -31,7 +31,7 @@ def fashion_mnist(root: str | os.PathLike, train: bool = True, download: bool = 
     except RuntimeError as e:
         raise FileNotFoundError(
             f"{root} に Fashion-MNIST がありません。--download を付けてダウンロードするか、"
-            "本書のリポジトリでは `python -m torchbook.data fashion-mnist` で用意してください。"
+            "本書のリポジトリでは `python -m booktools.data fashion-mnist` で用意してください。"
         ) from e
 
 

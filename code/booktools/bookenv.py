@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from torchbook import data
+from booktools import data
 
 CACHE_DIR = data.REPO_ROOT / "_build" / ".jupyter_cache"
 

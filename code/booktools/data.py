@@ -81,7 +81,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     """IDX ファイルを読み、壊れていれば直し方つきの :class:`DataError` を出します。"""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path} がありません。`python -m torchbook.data` で準備してください。")
+        raise DataError(f"{path} がありません。`python -m booktools.data` で準備してください。")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -111,7 +111,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
 def _fix_hint(path: Path) -> str:
     return (
         f"`rm -r {path.parent.parent}` で消してから "
-        "`python -m torchbook.data` で作り直してください。"
+        "`python -m booktools.data` で作り直してください。"
     )
 
 
@@ -159,7 +159,7 @@ def read_manifest(name: str, root: str | os.PathLike | None = None) -> dict:
     """データの出どころと枚数を記録したマニフェストを返します。"""
     path = manifest_path(name, root)
     if not path.exists():
-        raise DataError(f"{path} がありません。`python -m torchbook.data` で準備してください。")
+        raise DataError(f"{path} がありません。`python -m booktools.data` で準備してください。")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
