@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from booktools import data
 from torchvision import datasets
+
+from booktools import data
 
 
 def _write_digits(folder: Path, per_class: list[int]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from torchbook import device as D
 
 

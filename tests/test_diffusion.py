@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from torchbook.diffusion.sampling import (
     ddim_step,
     ddim_timesteps,

@@ -65,6 +65,7 @@ def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
 
 def test_evaluate_tasks_parse_eta_and_reject_typos(capsys):
     import pytest
+
     from torchbook.diffusion.evaluate import parse_args, parse_task
 
     assert parse_task("floor") == {}

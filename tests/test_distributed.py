@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_mnist import write_tiny_mnist
+
 from torchbook import mnist
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 from torch import nn
+
 from booktools import graphs
 
 

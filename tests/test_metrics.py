@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+
 from booktools.data import data_root
 from torchbook.diffusion import classifier, metrics
 from torchbook.diffusion.data import load_tensors

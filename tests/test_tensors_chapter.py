@@ -1,6 +1,7 @@
 """テンソルの章の図と表を作る関数 (booktools.plotting) のテスト。"""
 
 import torch
+
 from booktools import plotting
 
 
