@@ -18,6 +18,7 @@ import time
 
 import torch
 from torch import nn
+
 from torchbook.diffusion.sample import DEFAULT_CHECKPOINT
 from torchbook.diffusion.sampling import sample
 from torchbook.diffusion.schedule import NoiseSchedule

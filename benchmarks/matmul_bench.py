@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+
 from torchbook import device as dev
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from booktools import data
 from torchbook import mnist
 
