@@ -303,6 +303,16 @@ def test_cli_calls_the_books_fit(monkeypatch, capsys, tiny: Path) -> None:
     assert out.count("検証の正解率") == 1 and out.count("テスト正解率") == 1
 
 
+def test_verbose_logs_the_loss_every_log_interval_batches(capsys, tiny: Path) -> None:
+    mnist.main(["--epochs", "1", "--batch-size", "8", "--verbose", "--log-interval", "3",
+                str(tiny)])
+    out = capsys.readouterr().out
+    assert [int(n) for n in re.findall(r"バッチ +(\d+): 損失", out)] == [0, 3, 6]  # 7 バッチ
+    with pytest.raises(SystemExit) as e:
+        mnist.main(["--log-interval", "0", str(tiny)])
+    assert e.value.code == 2
+
+
 def test_cli_trains_saves_and_evaluates(capsys, tmp_path: Path, tiny: Path) -> None:
     ckpt = tmp_path / "m.pt"
     result = mnist.main(["--epochs", "2", "--batch-size", "16", "--save-model", str(ckpt),

@@ -332,12 +332,16 @@ def train_epoch(
     augment: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    log_interval: int = 0,
 ) -> dict[str, float]:
-    """訓練データを 1 周 (1 エポック) 学習し、平均の損失と正解率を返します。"""
+    """訓練データを 1 周 (1 エポック) 学習し、平均の損失と正解率を返します。
+
+    ``log_interval`` が正なら、その数のバッチごとに損失を 1 行表示します。
+    """
     model.train()  # 訓練モード (Dropout・BatchNorm が訓練時の動きをする)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc="訓練", leave=False, disable=not (progress and sys.stderr.isatty()))
-    for inputs, targets in bar:
+    for i, (inputs, targets) in enumerate(bar):
         if augment:
             inputs = random_affine(inputs)
         inputs, targets = to_device(inputs, device), targets.to(device)
@@ -352,6 +356,8 @@ def train_epoch(
         correct += (outputs.argmax(1) == targets).sum().item()
         seen += len(targets)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if log_interval > 0 and i % log_interval == 0:
+            tqdm.write(f"  バッチ {i:5d}: 損失 {loss.item():.4f}")
         if dry_run:
             break
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
@@ -390,6 +396,7 @@ def fit(
     rank: int = 0,
     dry_run: bool = False,
     progress: bool = False,
+    log_interval: int = 0,
     log: bool = True,
 ) -> list[dict[str, float]]:
     """エポックごとに学習・検証・保存をして、成績の記録 (history) を返します。
@@ -410,7 +417,7 @@ def fit(
             sampler.set_epoch(epoch)  # エポックごとに並びを変える (全ランクで同じ乱数)
         start = time.perf_counter()
         train = train_epoch(model, train_loader, optimizer, device, scheduler, augment,
-                            dry_run, progress)
+                            dry_run, progress, log_interval if rank == 0 else 0)
         seconds += time.perf_counter() - start  # 学習時間 (検証の時間は含めない)
         if not math.isfinite(train["loss"]):
             raise TrainingError(f"エポック {epoch} で損失が {train['loss']} になりました。"
@@ -559,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, mps のどれか (既定: cuda → mps → cpu の順に選ぶ)")
     p.add_argument("--dry-run", action="store_true", help="動作確認のため 1 バッチだけ実行する")
+    p.add_argument("--log-interval", type=int, default=10, metavar="N",
+                   help="--verbose のとき、損失を N バッチごとに表示する (既定: 10)")
     p.add_argument("--save-model", metavar="PATH",
                    help="エポックごとにチェックポイントを保存するファイル (例: mnist_net.pt)")
     p.add_argument("--resume", action="store_true",
@@ -583,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """学習を始める前に引数を確かめ、おかしければ直し方を 1 行で示して終了します (終了コード 2)。"""
-    for name in ("batch_size", "test_batch_size", "val_size", "train_size"):
+    for name in ("batch_size", "test_batch_size", "log_interval", "val_size", "train_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} は 1 以上の整数です (渡された値: {value})")
@@ -693,7 +702,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         fit(model, optimizer, train_loader, val_loader, args.epochs, device, scheduler,
             args.augment, args.seed, history,
             save_path=args.save_model if args.epochs > 0 else None, config=config,
-            rank=rank, dry_run=args.dry_run, progress=main_process)
+            rank=rank, dry_run=args.dry_run, progress=main_process,
+            log_interval=args.log_interval if args.verbose else 0)
     except KeyboardInterrupt:
         saved = f"エポック {len(history)} までを {args.save_model} に保存済みです。" \
             "同じコマンドに --resume をつけると続きから学習します" \
