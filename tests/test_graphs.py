@@ -4,8 +4,8 @@ import re
 
 import pytest
 import torch
-from torch import nn
 from booktools import graphs
+from torch import nn
 
 
 def node_ids(dot) -> list[tuple[str, str]]:

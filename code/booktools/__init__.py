@@ -1,4 +1,5 @@
 """本を作るためだけの補助 (図、環境の表、データの準備)。読者がコピーするコードではありません。
 
-章のコード (``torchbook``) はこのパッケージを import しません (tests/test_layering.py が確かめます)。
+章のコード (``torchbook``) はこのパッケージを import しません
+(tests/test_layering.py が確かめます)。
 """
