@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_mnist(launcher: list[str], args: list[str], cwd: Path,
               timeout: float = 240) -> subprocess.CompletedProcess:
+    """プログラムを起動します。時間切れなら、torchrun が起動したプロセスも止めてから知らせます。"""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "code") + os.pathsep + env.get("PYTHONPATH", "")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    return subprocess.run([*launcher, "-m", "torchbook.mnist", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    cmd = [*launcher, "-m", "torchbook.mnist", *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # torchrun は SIGTERM を受けると、起動した全員を止める
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
