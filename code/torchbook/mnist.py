@@ -181,10 +181,10 @@ class MNISTDataset(Dataset):
         return cls(find_idx(datadir, images), find_idx(datadir, labels))
 
     def __len__(self) -> int:
-        return len(self.targets)  # データの個数
+        return len(self.targets)  # 画像の枚数
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[i], self.targets[i]  # i 番目の (入力, 正解)
+        return self.inputs[i], self.targets[i]  # (正規化した画像, ラベル) の組
 
 
 def torchvision_mnist(datadir: str | os.PathLike, train: bool = True,
