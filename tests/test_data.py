@@ -300,6 +300,34 @@ def test_a_second_preparation_waits_for_the_lock(data_root, debian_source):
     assert results[0] == 300
 
 
+def test_download_is_built_aside_then_moved_into_raw(data_root, monkeypatch):
+    """ダウンロード (torchvision) も一時フォルダーで受け取り、4 ファイルだけを raw/ に置きます。"""
+    calls = []
+
+    class FakeMNIST:  # torchvision.datasets.MNIST の代わり (ネットワークを使わない)
+        def __init__(self, root, train, download):
+            calls.append(Path(root))
+            _write_dataset(Path(root) / "MNIST" / "raw", 30, 10)
+
+    monkeypatch.setattr(datasets, "MNIST", FakeMNIST)
+    manifest = data.prepare("mnist", offline=False)
+    assert manifest["source"] == "download" and manifest["train"] == 30
+    assert all(c.parent.name.startswith(".prepare-") for c in calls)  # 一意な一時フォルダー
+    assert sorted(p.name for p in (data_root / "MNIST").iterdir()) == [
+        data.LOCK_NAME, "manifest.json", "raw"
+    ]
+
+
+@pytest.mark.usefixtures("npm_source")
+def test_failed_download_falls_back_to_the_offline_source(data_root, monkeypatch):
+    class Offline:
+        def __init__(self, root, train, download):
+            raise RuntimeError("Name or service not known")
+
+    monkeypatch.setattr(datasets, "MNIST", Offline)
+    assert data.prepare("mnist", offline=False)["source"] == "npm"
+
+
 def test_unknown_dataset_name():
     with pytest.raises(ValueError, match="mnist"):
         data.raw_dir("cifar10")
