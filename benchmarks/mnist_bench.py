@@ -5,14 +5,15 @@
     nice python benchmarks/mnist_bench.py compare --threads 1
         → benchmarks/results/mnist_bench.txt (pytorch/examples のレシピとの速さの比較)
 
-ablation: 本書のレシピ (FastNet, Adam + one-cycle + データ拡張, 8 エポック) から材料を
+ablation: 基準のレシピ (FastNet, Adam + one-cycle + データ拡張, 8 エポック) から材料を
 1 つずつ外したり変えたりして、検証データの正解率と学習時間を比べます (シードごと)。
 検証の正解率の平均が最も高いレシピを選び、そのレシピだけをテストデータで評価します
 (シードを増やして平均とばらつきを出します)。テストデータは選ぶのに使いません。
 
-compare: pytorch/examples (mnist/main.py) の既定値 (畳み込み 1→32→64、Dropout、
+compare: ablation で選んだ本書のレシピ (記録が無ければ基準のレシピ) と、
+pytorch/examples (mnist/main.py) の既定値 (畳み込み 1→32→64、Dropout、
 全結合 9216→128→10、Adadelta lr 1.0、StepLR gamma 0.7、バッチ 64、14 エポック、拡張なし)
-と本書のレシピを同じデータ・同じ計算機で走らせ、検証の正解率が 98 % と 99 % に
+を同じデータ・同じ計算機で走らせ、検証の正解率が 98 % と 99 % に
 初めて届いた学習時間と、学習の速さ (枚/秒) を比べます。
 """
 
@@ -90,6 +91,13 @@ def machine() -> dict:
     }
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """同じフォルダーの一時ファイルに書いてから置き換えます (途中で止まっても前の記録が残る)。"""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def ablation(args: argparse.Namespace) -> None:
     splits = load_splits()
     seeds = list(range(1, args.seeds + 1))
@@ -134,9 +142,7 @@ def ablation(args: argparse.Namespace) -> None:
     }
     out = Path(args.out or RECIPE_JSON)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
     print(f"{out} に保存しました")
 
 
@@ -160,17 +166,27 @@ class ExamplesNet(nn.Module):
         return self.fc2(x)  # 元は log_softmax + nll_loss。cross_entropy と同じ
 
 
+def chosen_recipe() -> dict:
+    """ablation で選んだレシピ (記録がまだなければ基準のレシピ)。"""
+    if RECIPE_JSON.exists():
+        return json.loads(RECIPE_JSON.read_text(encoding="utf-8"))["chosen"]["recipe"]
+    return BASE
+
+
 def run_curve(name: str, splits: dict, epochs: int, batch_size: int, seed: int = 1) -> dict:
     """1 つのレシピで学習し、1/4 エポックごとの (学習秒数, 検証の正解率) と速さを返します。"""
     torch.manual_seed(seed)
     train, val = splits["train"], splits["val"]
     device = torch.device("cpu")
     if name == "ours":
-        model = mnist.create_model("ours")
-        opt = torch.optim.Adam(model.parameters(), lr=BASE["lr"])
+        recipe = chosen_recipe()
+        model = mnist.create_model(recipe["model"])
+        opt = mnist.make_optimizer(recipe["optimizer"], model.parameters(), recipe["lr"])
         steps = epochs * -(-len(train[0]) // batch_size)
-        per_step = torch.optim.lr_scheduler.OneCycleLR(opt, BASE["lr"], total_steps=steps)
-        per_epoch, augment = None, True
+        per_step = None
+        if recipe["one_cycle"]:
+            per_step = torch.optim.lr_scheduler.OneCycleLR(opt, recipe["lr"], total_steps=steps)
+        per_epoch, augment = None, recipe["augment"]
     else:
         model = ExamplesNet()  # 元のとおり NCHW・float32
         opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
@@ -225,9 +241,10 @@ def compare(args: argparse.Namespace) -> None:
         "",
     ]
     print("\n".join(lines), flush=True)
-    results = {"ours": run_curve("ours", splits, BASE["epochs"], BASE["batch_size"]),
+    recipe = chosen_recipe()
+    results = {"ours": run_curve("ours", splits, recipe["epochs"], recipe["batch_size"]),
                "examples": run_curve("examples", splits, args.examples_epochs, 64)}
-    labels = {"ours": "本書 (FastNet, Adam+one-cycle, 拡張)",
+    labels = {"ours": f"本書 (FastNet, {recipe['optimizer']}, {recipe['epochs']} エポック)",
               "examples": "pytorch/examples (Adadelta, StepLR)"}
     rows = [f"{'レシピ':<36}{'パラメーター':>12}{'98 % まで':>10}{'99 % まで':>10}"
             f"{'最終正解率':>10}{'学習時間':>9}{'枚/秒':>8}"]
@@ -252,7 +269,7 @@ def compare(args: argparse.Namespace) -> None:
     print("\n".join(rows))
     out = Path(args.out or REPO / "benchmarks" / "results" / "mnist_bench.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines + rows) + "\n", encoding="utf-8")
+    write_atomic(out, "\n".join(lines + rows) + "\n")
     print(f"\n{out} に保存しました")
 
 
