@@ -1,8 +1,12 @@
 """requirements ファイルのうち、この Python にまだ入っていないものを表示します。
 
     python scripts/requirements_status.py requirements-dev.txt
+    python scripts/requirements_status.py --scripts requirements-dev.txt
 
 足りない要件を 1 行に 1 つ表示し、足りないものがあれば終了コード 1 を返します。
+``--scripts`` は、venv の外 (--system-site-packages で見える計算機の Python) に入っている要件の
+コマンド (``jupyter-book`` など) を venv の bin にも作ります。作らないと、PATH で見つかるのが
+外の Python のコマンドになり、本のビルドが venv ではない Python で動いてしまうからです。
 ``scripts/setup.sh`` はこれを使い、すべて入っていれば pip を呼びません
 (2 回目以降の準備はネットワークなしで済みます)。本書のコード (torchbook) が
 このチェックアウトから編集可能モードで入っているかも確かめます (足りなければ ``-e <repo>``)。
@@ -73,7 +77,44 @@ def editable_from(dist_name: str, repo: Path) -> bool:
     return Path(unquote(url.path)).resolve() == repo.resolve()
 
 
+SCRIPT = """#!{python}
+import re
+import sys
+from {module} import {attr}
+if __name__ == "__main__":
+    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
+    sys.exit({call}())
+"""
+
+
+def link_scripts(lines: list[str], bin_dir: Path) -> list[str]:
+    """要件のコマンドのうち ``bin_dir`` にないものを、pip と同じ形で作り、その名前を返します。"""
+    made = []
+    for line in lines:
+        try:
+            dist = metadata.distribution(Requirement(line).name)
+        except metadata.PackageNotFoundError:
+            continue
+        for ep in dist.entry_points:
+            target = bin_dir / ep.name
+            if ep.group != "console_scripts" or target.exists():
+                continue
+            attr = ep.attr.split(".")[0]
+            target.write_text(SCRIPT.format(
+                python=sys.executable, module=ep.module, attr=attr, call=ep.attr
+            ))
+            target.chmod(0o755)
+            made.append(ep.name)
+    return made
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--scripts"] and len(argv) == 2:
+        if sys.prefix == sys.base_prefix:
+            return 0  # venv でなければ、コマンドは pip が作った場所にある
+        made = link_scripts(requirement_lines(Path(argv[1])), Path(sys.executable).parent)
+        print(" ".join(made))
+        return 0
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2

@@ -111,6 +111,11 @@ import importlib.util as u; sys.exit(not (v >= (70, 1) or (v >= (64, 0) and u.fi
     || fail "Python パッケージを入れきれませんでした。上の pip のメッセージを確かめてください。"
   echo "入れました"
 fi
+if [ "$in_env" = 0 ]; then
+  # 計算機の Python から見えているだけのパッケージのコマンド (jupyter-book など) を .venv/bin にも作る
+  made=$("$PY" scripts/requirements_status.py --scripts "$requirements")
+  if [ -n "$made" ]; then echo ".venv/bin に作ったコマンド: $made"; fi
+fi
 
 say "Graphviz (dot)"
 if command -v dot >/dev/null; then

@@ -80,6 +80,17 @@ def test_status_cli_exit_codes(tmp_path):
     assert result.returncode == 1 and "torchbook-no-such-package" in result.stdout
 
 
+def test_commands_of_packages_seen_through_system_site_packages_are_linked(tmp_path):
+    """venv の bin にない要件のコマンドを作り、それが venv の Python で動くこと。"""
+    made = status.link_scripts(["pytest>=7", "torchbook-no-such-package"], tmp_path)
+    assert "pytest" in made
+    script = tmp_path / "pytest"
+    assert script.read_text().startswith(f"#!{sys.executable}\n")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "pytest" in (result.stdout + result.stderr)
+    assert status.link_scripts(["pytest>=7"], tmp_path) == []  # あるものは作り直さない
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="git がない")
 def test_venv_is_ignored_by_git():
     if not (ROOT / ".git").exists():
