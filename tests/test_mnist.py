@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import shutil
@@ -433,3 +434,25 @@ def test_gzip_reader_matches_plain(tmp_path: Path) -> None:
     with open(tmp_path / "a", "rb") as f, gzip.open(tmp_path / "a.gz", "wb") as g:
         g.write(f.read())
     assert torch.equal(mnist.read_idx(tmp_path / "a"), mnist.read_idx(tmp_path / "a.gz"))
+
+
+def test_recipe_record_chooses_on_validation_and_tests_once() -> None:
+    """第 5 章が読む記録: レシピは検証の平均で選び、テストは選んだレシピだけを複数のシードで。"""
+    record = json.loads((REPO / "code" / "torchbook" / "weights" / "mnist_recipe.json")
+                        .read_text(encoding="utf-8"))
+    assert record["split"]["chosen_by"] == "val" and record["test"]["split"] == "test"
+    best = max(record["ablation"], key=lambda r: r["val_mean"])
+    assert record["chosen"]["recipe"] == best["recipe"]
+    assert all("test" not in key for r in record["ablation"] for key in r)  # 候補にテストは無い
+    accs = record["test"]["accuracy"]
+    assert len(accs) >= 2 and record["test"]["mean"] == pytest.approx(sum(accs) / len(accs))
+    assert record["command"].startswith("python benchmarks/mnist_bench.py ablation")
+
+
+@pytest.mark.parametrize("page", ["05_mnist.md", "A1_distributed.md"])
+def test_pages_leave_thread_settings_to_the_build(page: str) -> None:
+    """スレッドの設定はビルド環境のもの。読者が実行する章のコードには書かない。"""
+    text = (REPO / "book" / page).read_text(encoding="utf-8")
+    for setting in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "set_num_threads"):
+        assert setting not in text, setting
+    assert "seed 00" not in text.lower()
