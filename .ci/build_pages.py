@@ -2,9 +2,10 @@
 
     python .ci/build_pages.py book/05_mnist.md [book/06_diffusion.md ...]
 
-他の章は実行せずに組版するので速く、共有の _build/ も汚しません。
-出力先は /tmp/jb-<章名>/_build/html です。指定した章の警告だけを表示し、
-警告やエラーがあれば終了コード 1 を返します。
+他の章は実行せずに組版するので速く、本全体のビルド (_build/html) にも触れません。
+出力先は、このチェックアウトの _build/pages/<章名>/_build/html です
+(/tmp のような、ほかの利用者と共有する固定パスは使いません)。
+指定した章の警告だけを表示し、警告やエラーがあれば終了コード 1 を返します。
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def output_dir(pages: list[str]) -> Path:
+    """章ごとの出力先。チェックアウトの _build/ の下なので、利用者やクローンごとに別です。"""
+    name = "-".join(sorted(Path(p).stem for p in pages))
+    return ROOT / "_build" / "pages" / name
+
+
 def main(pages: list[str]) -> int:
     if not pages:
         print(__doc__)
@@ -27,8 +34,7 @@ def main(pages: list[str]) -> int:
     others = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "book").glob("*.md"))]
     others = [p for p in others if p.removesuffix(".md") not in wanted]
     cfg["execute"]["exclude_patterns"] = others
-    name = "-".join(Path(p).stem for p in sorted(wanted))
-    out = Path(f"/tmp/jb-{name}")
+    out = output_dir(pages)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "_config.yml"
     cfg["bibtex_bibfiles"] = [str(ROOT / b) for b in cfg["bibtex_bibfiles"]]

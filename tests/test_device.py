@@ -1,22 +1,30 @@
-"""torchbook.device のテスト: デバイスの選択順、名前の検査、再現性、時間計測。"""
+"""torchbook.device のテスト: デバイスの選択順、名前の検査、再現性、時間計測、写しの一致。"""
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 
 from torchbook import device as D
 
+PACKAGE = Path(D.__file__).resolve().parent
+# 単独でコピーして使えるモジュールは get_device の写しを持ちます。写しは device.py と同じ文面です。
+COPIES = [PACKAGE / "mnist.py", PACKAGE / "diffusion" / "device.py"]
+# 写しが一致していなければならない定義 (get_device と、それが使う名前)
+SHARED_NAMES = ("KNOWN_TYPES", "cuda_available", "mps_available", "get_device")
 
-@pytest.fixture
-def restore_determinism():
-    """seed_everything が変える全体設定を、テストの後で元に戻します。"""
-    saved = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-    )
-    yield
-    torch.use_deterministic_algorithms(saved[0])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
+
+def definitions(path: Path) -> dict[str, str]:
+    """ファイルの最上位の関数定義と代入文を、名前 → ソースの文面 の辞書で返します。"""
+    text = path.read_text(encoding="utf-8")
+    found = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef):
+            found[node.name] = ast.get_source_segment(text, node)
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = ast.get_source_segment(text, node)
+    return found
 
 
 def fake_availability(monkeypatch, cuda: bool, mps: bool, count: int = 1):
@@ -114,3 +122,23 @@ def test_time_function_synchronizes_gpu(monkeypatch):
 def test_time_function_rejects_bad_arguments():
     with pytest.raises(ValueError):
         D.time_function(lambda: None, torch.device("cpu"), repeats=0)
+
+
+@pytest.mark.parametrize("path", COPIES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_copies_identical(path):
+    """コピー用モジュールの get_device は、章が教える device.get_device と一字一句同じです。"""
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(PACKAGE)} はまだこのブランチにありません")
+    original, copy = definitions(Path(D.__file__)), definitions(path)
+    assert "get_device" in copy, f"{path.name} に get_device がありません"
+    for name in SHARED_NAMES:
+        assert copy.get(name) == original[name], f"{path.name} の {name} が device.py と違います"
+
+
+def test_copy_comparison_detects_a_change(tmp_path):
+    """比べ方が本当に違いを見つけること (1 文字変えた写しは一致しない)。"""
+    text = Path(D.__file__).read_text(encoding="utf-8")
+    changed = tmp_path / "copy.py"
+    changed.write_text(text.replace('return torch.device("cpu")', 'return torch.device("cuda")'))
+    assert definitions(changed)["get_device"] != definitions(Path(D.__file__))["get_device"]
+    assert definitions(changed)["KNOWN_TYPES"] == definitions(Path(D.__file__))["KNOWN_TYPES"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,30 @@ from torchbook import mnist
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_mnist(launcher: list[str], args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_mnist(launcher: list[str], args: list[str], cwd: Path,
+              timeout: float = 240) -> subprocess.CompletedProcess:
+    """プログラムを起動します。時間切れなら、torchrun が起動したプロセスも止めてから知らせます。"""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "code") + os.pathsep + env.get("PYTHONPATH", "")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    return subprocess.run([*launcher, "-m", "torchbook.mnist", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=240)
+    cmd = [*launcher, "-m", "torchbook.mnist", *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # torchrun は SIGTERM を受けると、起動した全員を止める
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
@@ -34,20 +52,35 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     single = run_mnist([sys.executable],
                        ["--batch-size", "16", "--save-model", "single.pt", *common], tmp_path)
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", "2"]
-    ddp = run_mnist(torchrun, ["--batch-size", "8", "--save-model", "ddp.pt", *common], tmp_path)
+    ddp = run_mnist(TORCHRUN, ["--batch-size", "8", "--save-model", "ddp.pt", *common], tmp_path)
     assert ddp.returncode == 0, ddp.stderr
     assert "プロセス数 2" in ddp.stdout
-    assert ddp.stdout.count("に保存しました") == 1  # 保存は rank 0 だけ
-    a = torch.load(tmp_path / "single.pt", weights_only=True)
-    b = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert ddp.stdout.count("テスト正解率") == 1  # 評価と表示は rank 0 だけ
+    a = torch.load(tmp_path / "single.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ddp.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     torch.manual_seed(1)  # main() と同じシードで作った初期値から、学習で動いていること
     start = mnist.MNISTNet().state_dict()
     assert any(not torch.allclose(a[k], start[k]) for k in a)
+
+
+@pytest.mark.parametrize("model", list(mnist.MODELS))
+def test_ddp_trains_every_model_past_epoch_one(tmp_path: Path, model: str) -> None:
+    """BatchNorm のある FastNet でも、2 エポック目で止まらない (rank 0 は DDP の外で評価する)。"""
+    datadir = write_tiny_mnist(tmp_path / "d", n_train=48, n_test=8)
+    args = ["--device", "cpu", "--model", model, "--epochs", "3", "--batch-size", "8",
+            "--save-model", "ddp.pt", str(datadir)]
+    try:
+        ddp = run_mnist(TORCHRUN, args, tmp_path, timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("DDP の学習が止まったまま終わりません (評価で DDP の同期を待っている)")
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.stdout.count("検証の正解率") == 3
+    checkpoint = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in checkpoint["model"])  # 包む前のモデル
+    assert len(checkpoint["history"]) == 3
 
 
 def test_allreduce_mean_equals_full_batch_gradient() -> None:

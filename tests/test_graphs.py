@@ -109,7 +109,7 @@ def test_linear_example_gradients():
     assert (r["x"].item(), r["w"].item(), r["b"].item()) == (1.0, 3.0, 1.0)
 
 
-def test_mean_square_example_matches_seed_and_hand_derivation():
+def test_mean_square_example_matches_hand_derivation():
     y, grad = graphs.mean_square_example()
     assert y.item() == pytest.approx(38 / 3)
     torch.testing.assert_close(grad, torch.tensor([4 / 3, 2.0, 8 / 3]))

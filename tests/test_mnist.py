@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -85,7 +90,7 @@ def test_evaluate_on_synthetic_set() -> None:
     x = torch.zeros(8, 1, 28, 28)
     x[:, 0, 0, 0] = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]).float()
     y = torch.tensor([0, 1, 2, 3, 4, 5, 9, 9])  # 最後の 2 つは外れ
-    result = mnist.evaluate(FixedLogits(), mnist.tensor_batches(x, y, 3), torch.device("cpu"))
+    result = mnist.evaluate(FixedLogits(), mnist.TensorLoader(x, y, 3), torch.device("cpu"))
     assert result["accuracy"] == pytest.approx(6 / 8)
     expected = F.cross_entropy(FixedLogits()(x), y).item()
     assert result["loss"] == pytest.approx(expected, rel=1e-6)
@@ -98,22 +103,24 @@ def test_cross_entropy_is_nll_of_log_softmax() -> None:
                                F.nll_loss(F.log_softmax(logits, dim=1), y))
 
 
-def test_tensor_batches_cover_everything_once() -> None:
+def test_tensor_loader_covers_everything_once() -> None:
     x = torch.arange(10).float().view(10, 1, 1, 1)
     y = torch.arange(10)
-    g = torch.Generator().manual_seed(0)
-    batches = list(mnist.tensor_batches(x, y, 4, shuffle=True, generator=g))
-    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    torch.manual_seed(0)
+    loader = mnist.TensorLoader(x, y, 4, shuffle=True)
+    batches = list(loader)
+    assert len(loader) == 3 and [len(b[1]) for b in batches] == [4, 4, 2]
     seen = torch.cat([b[1] for b in batches])
-    assert sorted(seen.tolist()) == list(range(10))
+    assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
     assert torch.equal(torch.cat([b[0] for b in batches]).flatten().long(), seen)
+    assert torch.cat([b[1] for b in mnist.TensorLoader(x, y, 4)]).tolist() == list(range(10))
 
 
 def test_random_affine_moves_but_keeps_the_digit() -> None:
     x = torch.full((16, 1, 28, 28), -0.5)
     x[:, :, 10:18, 10:18] = 2.0  # 端から離れた四角は、動かしても欠けない
-    g = torch.Generator().manual_seed(0)
-    moved = mnist.random_affine(x, generator=g)
+    torch.manual_seed(0)
+    moved = mnist.random_affine(x)
     assert moved.shape == x.shape
     mass = (moved + 0.5).sum((1, 2, 3)) / (x + 0.5).sum((1, 2, 3))
     assert ((mass > 0.75) & (mass < 1.3)).all()  # 倍率 1±0.1 の 2 乗の範囲ほど
@@ -121,6 +128,21 @@ def test_random_affine_moves_but_keeps_the_digit() -> None:
     assert (moved - x).abs().amax((1, 2, 3)).min() > 0.1  # どの画像も動いている
     same = mnist.random_affine(x, degrees=0, scale=0, translate=0)
     torch.testing.assert_close(same, x)
+
+
+def test_split_train_val_is_stratified_disjoint_and_fixed() -> None:
+    g = torch.Generator().manual_seed(3)
+    targets = torch.cat([torch.full((n,), c) for c, n in enumerate(range(50, 150, 10))])
+    targets = targets[torch.randperm(len(targets), generator=g)]
+    train, val = mnist.split_train_val(targets, 120)
+    assert len(val) == 120 and len(train) == len(targets) - 120
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(len(targets)))
+    share = torch.bincount(targets[val], minlength=10) / torch.bincount(targets, minlength=10)
+    assert (share - 120 / len(targets)).abs().max() < 0.02  # どの数字からも同じ割合
+    again = mnist.split_train_val(targets, 120)
+    assert torch.equal(val, again[1])  # 固定のシードで、いつも同じ分割
+    with pytest.raises(ValueError, match="検証の枚数"):
+        mnist.split_train_val(targets, 0)
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -159,9 +181,11 @@ def test_checkpoint_round_trip_and_wrong_architecture(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = mnist.create_model("ours")
     path = tmp_path / "ours.pt"
-    mnist.save_checkpoint(model, path)
+    mnist.save_checkpoint(path, model)
     x = torch.randn(4, 1, 28, 28)
-    loaded = mnist.load_checkpoint(mnist.create_model("ours"), path)
+    loaded = mnist.create_model("ours")
+    checkpoint = mnist.load_checkpoint(loaded, path)
+    assert checkpoint["history"] == [] and checkpoint["optimizer"] is None
     assert torch.equal(mnist.predict(model, x), mnist.predict(loaded, x))
     with pytest.raises(mnist.CheckpointError, match="--model ours"):
         mnist.load_checkpoint(mnist.create_model("mnistnet"), path)
@@ -169,6 +193,41 @@ def test_checkpoint_round_trip_and_wrong_architecture(tmp_path: Path) -> None:
     torch.save({"model": object}, junk)  # weights_only=True では読めない中身
     with pytest.raises(mnist.CheckpointError, match="読めません"):
         mnist.load_checkpoint(mnist.create_model("ours"), junk)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello", encoding="utf-8")
+    with pytest.raises(mnist.CheckpointError, match="読めません"):
+        mnist.load_checkpoint(mnist.create_model("ours"), text)
+
+
+def test_save_is_atomic(monkeypatch, tmp_path: Path) -> None:
+    """保存が途中で止まっても、前のチェックポイントは読めるまま残り、一時ファイルも残らない。"""
+    path = tmp_path / "m.pt"
+    mnist.save_checkpoint(path, mnist.create_model("mnistnet"))
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def broken_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])  # 書きかけのファイル
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        mnist.save_checkpoint(path, mnist.create_model("mnistnet"))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    model = mnist.create_model("mnistnet")
+    mnist.save_checkpoint(path, model)
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(mnist.TrainingError, match="NaN"):
+        mnist.save_checkpoint(path, model)
+    assert path.read_bytes() == before
 
 
 def test_fit_learns_tiny_data(tiny: Path) -> None:
@@ -176,27 +235,44 @@ def test_fit_learns_tiny_data(tiny: Path) -> None:
     test = mnist.MNISTDataset.from_dir(tiny, train=False)
     torch.manual_seed(0)
     model = mnist.create_model("mnistnet")
-    history = mnist.fit(model, (train.inputs, train.targets), (test.inputs, test.targets),
-                        epochs=8, batch_size=16, lr=0.01, augment=False)
-    assert len(history) == 8
+    optimizer = mnist.make_optimizer("adam", model.parameters(), 0.01)
+    history = mnist.fit(model, optimizer, mnist.TensorLoader(train.inputs, train.targets, 16, True),
+                        mnist.TensorLoader(test.inputs, test.targets, 1000), epochs=8, log=False)
+    assert [h["epoch"] for h in history] == list(range(1, 9))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert history[-1]["test_accuracy"] > 0.5  # 偶然なら 0.1 ほど
+    assert history[-1]["val_accuracy"] > 0.5  # 偶然なら 0.1 ほど
 
 
-def test_cli_argument_errors(capsys: pytest.CaptureFixture, tiny: Path) -> None:
+def test_cli_argument_errors(capsys: pytest.CaptureFixture, tmp_path: Path, tiny: Path) -> None:
+    existing = tmp_path / "old.pt"
+    mnist.save_checkpoint(existing, mnist.create_model("mnistnet"))
+    readonly = Path("/proc") if os.geteuid() == 0 else tmp_path / "ro"  # root は chmod を無視する
+    if os.geteuid() != 0:
+        readonly.mkdir()
+        readonly.chmod(0o555)
     cases = [
         (["--batch-size", "0"], "--batch-size は 1 以上"),
-        (["--lr", "-1"], "--lr は正の数"),
+        (["--lr", "-1"], "--lr は正の有限の数"),
+        (["--lr", "inf"], "--lr は正の有限の数"),
+        (["--lr", "nan"], "--lr は正の有限の数"),
         (["--epochs", "-2"], "--epochs は 0 以上"),
-        (["--epochs", "0"], "--epochs 0 は"),
+        (["--epochs", "0"], "--epochs 0 と --resume"),
         (["--no-cuda", "--device", "cuda"], "同時に指定できません"),
+        (["--device", "gpu"], "知らないデバイス名"),
         (["--model", "resnet"], "invalid choice"),
+        (["--save-model", str(tmp_path / "no" / "m.pt")], "がありません。先に作って"),
+        (["--save-model", str(tmp_path / "model")], "拡張子つき"),
+        (["--save-model", str(readonly / "m.pt")], "書き込めません"),
+        (["--save-model", str(existing)], "--resume"),
+        (["--save-model", str(tmp_path / "none.pt"), "--resume"], "がありません"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as e:
             mnist.main([*extra, str(tiny)])
-        assert e.value.code == 2
-        assert message in capsys.readouterr().err
+        assert e.value.code == 2, extra
+        out, err = capsys.readouterr()
+        assert message in err, (extra, err)
+        assert "エポック" not in out  # 学習を始める前に止まる
     with pytest.raises(SystemExit):
         mnist.main([str(tiny / "nothing")])
     assert "がありません" in capsys.readouterr().err
@@ -204,13 +280,39 @@ def test_cli_argument_errors(capsys: pytest.CaptureFixture, tiny: Path) -> None:
 
 def test_cli_missing_data_and_wrong_checkpoint(capsys, tmp_path: Path, tiny: Path) -> None:
     with pytest.raises(SystemExit) as e:
-        mnist.main([str(tmp_path)])  # ディレクトリはあるがデータが無い
+        mnist.main([str(tmp_path)])  # フォルダーはあるがデータが無い
     assert e.value.code == 1 and "--download" in capsys.readouterr().err
     ckpt = tmp_path / "m.pt"
-    mnist.save_checkpoint(mnist.create_model("ours"), ckpt)
+    mnist.save_checkpoint(ckpt, mnist.create_model("ours"))
     with pytest.raises(SystemExit) as e:
-        mnist.main(["--save-model", str(ckpt), "--dry-run", str(tiny)])
+        mnist.main(["--save-model", str(ckpt), "--epochs", "0", str(tiny)])
     assert e.value.code == 1 and "--model ours" in capsys.readouterr().err
+
+
+def test_cli_calls_the_books_fit(monkeypatch, capsys, tiny: Path) -> None:
+    """コマンドラインも、本のページが見せる mnist.fit で学習する (学習ループは 1 つ)。"""
+    calls = []
+    real_fit = mnist.fit
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(mnist, "fit", spy)
+    mnist.main(["--epochs", "1", "--batch-size", "16", str(tiny)])
+    assert len(calls) == 1
+    out = capsys.readouterr().out
+    assert out.count("検証の正解率") == 1 and out.count("テスト正解率") == 1
+
+
+def test_verbose_logs_the_loss_every_log_interval_batches(capsys, tiny: Path) -> None:
+    mnist.main(["--epochs", "1", "--batch-size", "8", "--verbose", "--log-interval", "3",
+                str(tiny)])
+    out = capsys.readouterr().out
+    assert [int(n) for n in re.findall(r"バッチ +(\d+): 損失", out)] == [0, 3, 6]  # 7 バッチ
+    with pytest.raises(SystemExit) as e:
+        mnist.main(["--log-interval", "0", str(tiny)])
+    assert e.value.code == 2
 
 
 def test_cli_trains_saves_and_evaluates(capsys, tmp_path: Path, tiny: Path) -> None:
@@ -218,9 +320,96 @@ def test_cli_trains_saves_and_evaluates(capsys, tmp_path: Path, tiny: Path) -> N
     result = mnist.main(["--epochs", "2", "--batch-size", "16", "--save-model", str(ckpt),
                          str(tiny)])
     out = capsys.readouterr().out
-    assert ckpt.exists() and "結果: テスト正解率" in out and "学習時間" in out
+    assert "結果: テスト正解率" in out and "学習時間" in out
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert [h["epoch"] for h in checkpoint["history"]] == [1, 2]
+    assert checkpoint["optimizer"] is not None and checkpoint["config"]["model"] == "mnistnet"
+    before = ckpt.read_bytes()
     again = mnist.main(["--epochs", "0", "--save-model", str(ckpt), str(tiny)])
     assert again["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    assert ckpt.read_bytes() == before  # 評価だけなら書き換えない
+
+
+def test_non_finite_training_keeps_the_good_checkpoint(capsys, tmp_path: Path,
+                                                       tiny: Path) -> None:
+    ckpt = tmp_path / "m.pt"
+    mnist.main(["--epochs", "1", "--batch-size", "16", "--save-model", str(ckpt), str(tiny)])
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as e:  # 大きすぎる学習率で NaN になる
+        mnist.main(["--epochs", "1", "--batch-size", "16", "--lr", "1e30", "--force",
+                    "--save-model", str(ckpt), str(tiny)])
+    assert e.value.code == 1 and "nan" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+
+
+def test_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_path: Path, tiny: Path) -> None:
+    """エポック 2 の保存の直後に中断し、--resume で続けた学習は、通しの学習と同じになる。"""
+    common = ["--model", "ours", "--augment", "--one-cycle", "--optimizer", "adam",
+              "--lr", "0.01", "--batch-size", "16", "--epochs", "3", str(tiny)]
+    straight = tmp_path / "straight.pt"
+    mnist.main(["--save-model", str(straight), *common])
+    resumed = tmp_path / "resumed.pt"
+    real_save = mnist.save_checkpoint
+
+    def save_then_interrupt(path, model, optimizer, scheduler, history, config):
+        real_save(path, model, optimizer, scheduler, history, config)
+        if len(history) == 2:
+            raise KeyboardInterrupt  # Ctrl-C
+
+    monkeypatch.setattr(mnist, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        mnist.main(["--save-model", str(resumed), *common])
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert "中断しました" in err and "--resume" in err and "\n" not in err
+    monkeypatch.setattr(mnist, "save_checkpoint", real_save)
+    mnist.main(["--save-model", str(resumed), "--resume", *common])
+    a = torch.load(straight, weights_only=True)
+    b = torch.load(resumed, weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["scheduler"] == b["scheduler"]
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert x["val_loss"] == y["val_loss"] and x["train_loss"] == y["train_loss"]
+    with pytest.raises(SystemExit) as e:  # 設定を変えた再開は断る
+        mnist.main(["--save-model", str(resumed), "--resume", "--lr", "0.02", *common[:6],
+                    *common[8:]])
+    assert e.value.code == 2 and "設定が違う" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_and_keeps_a_resumable_checkpoint(tmp_path: Path) -> None:
+    datadir = write_tiny_mnist(tmp_path / "d", n_train=256, n_test=16)
+    ckpt = tmp_path / "m.pt"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "code")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchbook.mnist", "--epochs", "200", "--batch-size", "16",
+         "--save-model", str(ckpt), str(datadir)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.stderr.read() if proc.poll() is not None else "保存されない"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "中断しました" in lines[0] and "Traceback" not in err
+    done = len(torch.load(ckpt, weights_only=True)["history"])
+    assert 1 <= done < 200
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_progress_bar_only_in_a_terminal(capsys) -> None:
+    """端末でない標準エラー出力 (本のページ・ログ) には、プログレスバーを出さない。"""
+    model = mnist.create_model("mnistnet")
+    optimizer = mnist.make_optimizer("sgd", model.parameters(), 0.01)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # TqdmWarning なども失敗にする
+        mnist.train_epoch(model, mnist.TensorLoader(x, y, 4), optimizer, torch.device("cpu"),
+                          progress=True)
+    assert capsys.readouterr().err == ""
+    assert "tqdm.auto" not in MODULE.read_text(encoding="utf-8")
 
 
 def test_copied_module_runs_alone(tmp_path: Path, tiny: Path) -> None:
@@ -246,3 +435,25 @@ def test_gzip_reader_matches_plain(tmp_path: Path) -> None:
     with open(tmp_path / "a", "rb") as f, gzip.open(tmp_path / "a.gz", "wb") as g:
         g.write(f.read())
     assert torch.equal(mnist.read_idx(tmp_path / "a"), mnist.read_idx(tmp_path / "a.gz"))
+
+
+def test_recipe_record_chooses_on_validation_and_tests_once() -> None:
+    """第 5 章が読む記録: レシピは検証の平均で選び、テストは選んだレシピだけを複数のシードで。"""
+    record = json.loads((REPO / "code" / "torchbook" / "weights" / "mnist_recipe.json")
+                        .read_text(encoding="utf-8"))
+    assert record["split"]["chosen_by"] == "val" and record["test"]["split"] == "test"
+    best = max(record["ablation"], key=lambda r: r["val_mean"])
+    assert record["chosen"]["recipe"] == best["recipe"]
+    assert all("test" not in key for r in record["ablation"] for key in r)  # 候補にテストは無い
+    accs = record["test"]["accuracy"]
+    assert len(accs) >= 2 and record["test"]["mean"] == pytest.approx(sum(accs) / len(accs))
+    assert record["command"].startswith("python benchmarks/mnist_bench.py ablation")
+
+
+@pytest.mark.parametrize("page", ["05_mnist.md", "A1_distributed.md"])
+def test_pages_leave_thread_settings_to_the_build(page: str) -> None:
+    """スレッドの設定はビルド環境のもの。読者が実行する章のコードには書かない。"""
+    text = (REPO / "book" / page).read_text(encoding="utf-8")
+    for setting in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "set_num_threads"):
+        assert setting not in text, setting
+    assert "seed 00" not in text.lower()

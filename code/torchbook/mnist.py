@@ -4,20 +4,27 @@
 (必要なのは torch・torchvision・tqdm と Python の標準ライブラリだけです)。
 
     python mnist.py --help
-    python mnist.py data/                                  # 本書の MNISTNet (既定)
-    python mnist.py --model ours --augment --one-cycle --lr 0.003 --batch-size 128 data/
+    python mnist.py data/                                   # 基本の MNISTNet (既定)
+    python mnist.py --model ours --augment --one-cycle --lr 0.005 --batch-size 128 data/
+    python mnist.py --save-model m.pt data/                 # エポックごとに m.pt へ保存
+    python mnist.py --save-model m.pt --resume data/        # 中断したところから続ける
     torchrun --nproc_per_node 2 mnist.py --no-shuffle data/  # データ並列 (付録)
 
 ``data/`` には IDX 形式の 4 ファイル (``train-images-idx3-ubyte`` など。``.gz`` でも可) を
 直接置くか、torchvision と同じ ``data/MNIST/raw/`` に置きます。
+訓練データの一部 (既定は 1/8) を、数字の割合を保って検証用に分けます。
+エポックごとの成績は検証データで測り、テストデータは最後に 1 回だけ使います。
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import os
 import struct
+import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,15 +33,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
 
 MEAN, STD = 0.1307, 0.3081  # MNIST 訓練画像の画素の平均と標準偏差 (0〜1 の尺度)
 FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+SPLIT_SEED = 0  # 検証データの分け方を決めるシード (学習のシードとは別に固定)
 
 
 class DataError(RuntimeError):
@@ -42,31 +49,76 @@ class DataError(RuntimeError):
 
 
 class CheckpointError(RuntimeError):
-    """チェックポイントがモデルに合わないときの例外。"""
+    """チェックポイントが読めない・モデルに合わないときの例外。"""
+
+
+class TrainingError(RuntimeError):
+    """損失や重みが NaN・inf になったときの例外。"""
 
 
 # ---------------------------------------------------------------- デバイス
-def pick_device(name: str | None = None, no_cuda: bool = False) -> torch.device:
-    """計算に使うデバイスを選びます (指定がなければ cuda → mps → cpu の順)。"""
-    if name not in (None, "auto"):
+# KNOWN_TYPES と get_device は torchbook/device.py と同じ文面です (テストで確かめています)。
+KNOWN_TYPES = ("cuda", "mps", "cpu")  # get_device が受け付けるデバイスの種類
+
+
+def cuda_available() -> bool:
+    """NVIDIA の GPU (CUDA) が使えるかどうかを返します。"""
+    return torch.cuda.is_available()
+
+
+def mps_available() -> bool:
+    """Apple の GPU (MPS) が使えるかどうかを返します。"""
+    return torch.backends.mps.is_available()
+
+
+def get_device(name: str | None = None) -> torch.device:
+    """使う計算デバイスを返します。
+
+    ``name`` を省くと cuda → mps → cpu の順に、使える最初のものを選びます。
+    ``"cuda"``・``"cuda:1"``・``"mps"``・``"cpu"`` のように名前を指定もできます。
+    知らない名前や、この環境で使えないデバイスには直し方つきの例外を出します。
+    """
+    if name is None:
+        if cuda_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
         device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("CUDA が使えません。--device cpu を指定してください。")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("MPS (Apple GPU) が使えません。--device cpu を指定してください。")
-        return device
-    if torch.cuda.is_available() and not no_cuda:
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    except RuntimeError as e:
+        raise ValueError(
+            f"知らないデバイス名です: {name!r} (使える名前: {', '.join(KNOWN_TYPES)}、"
+            "または 'cuda:0' のような番号つきの名前)"
+        ) from e
+    if device.type not in KNOWN_TYPES:
+        raise ValueError(
+            f"本書のコードが扱うデバイスは {', '.join(KNOWN_TYPES)} です (渡された名前: {name!r})"
+        )
+    if device.type == "cuda":
+        if not cuda_available():
+            raise RuntimeError(
+                f"{name!r} を指定しましたが、この環境では CUDA が使えません。"
+                "GPU とドライバー、CUDA 版の PyTorch を確認するか、'cpu' を指定してください。"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise RuntimeError(
+                f"{name!r} を指定しましたが、GPU は {count} 台 (番号 0〜{count - 1}) です。"
+            )
+    if device.type == "mps" and not mps_available():
+        raise RuntimeError(
+            f"{name!r} を指定しましたが、この環境では MPS (Apple の GPU) が使えません。"
+            "'cpu' を指定してください。"
+        )
+    return device
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """画像のバッチをデバイスへ送ります。CPU と CUDA では channels_last に並べ替えます。"""
     x = x.to(device, non_blocking=True)
     if device.type in ("cpu", "cuda") and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)  # 畳み込みが速くなる並び
+        x = x.contiguous(memory_format=torch.channels_last)  # 画素ごとにチャンネルを並べる
     return x
 
 
@@ -94,11 +146,10 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
 def find_idx(datadir: str | os.PathLike, name: str) -> Path:
     """``datadir`` か ``datadir/MNIST/raw`` にある IDX ファイル (``.gz`` 可) を探します。"""
     datadir = Path(datadir)
-    candidates = [d / (name + ext) for d in (datadir, datadir / "MNIST" / "raw")
-                  for ext in ("", ".gz")]
-    for path in candidates:
-        if path.exists():
-            return path
+    for folder in (datadir, datadir / "MNIST" / "raw"):
+        for ext in ("", ".gz"):
+            if (folder / (name + ext)).exists():
+                return folder / (name + ext)
     raise DataError(
         f"{datadir} に MNIST の {name} がありません "
         f"(探した場所: {datadir}/ と {datadir}/MNIST/raw/)。"
@@ -130,12 +181,10 @@ class MNISTDataset(Dataset):
         return cls(find_idx(datadir, images), find_idx(datadir, labels))
 
     def __len__(self) -> int:
-        # データの個数を返す。
-        return len(self.targets)
+        return len(self.targets)  # 画像の枚数
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # i 番目の (入力, 正解) の組を返す。
-        return self.inputs[i], self.targets[i]
+        return self.inputs[i], self.targets[i]  # (正規化した画像, ラベル) の組
 
 
 def torchvision_mnist(datadir: str | os.PathLike, train: bool = True,
@@ -150,35 +199,50 @@ def torchvision_mnist(datadir: str | os.PathLike, train: bool = True,
         raise DataError(f"torchvision の MNIST を用意できません: {e}") from e
 
 
-def tensor_batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
-                   shuffle: bool = False,
-                   generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
-    """メモリ上のテンソルを batch_size 個ずつに区切って返します (DataLoader の軽量版)。"""
-    order = torch.randperm(len(inputs), generator=generator) if shuffle else None
-    for start in range(0, len(inputs), batch_size):
-        if order is None:
-            yield inputs[start : start + batch_size], targets[start : start + batch_size]
-        else:
-            idx = order[start : start + batch_size]
-            yield inputs[idx], targets[idx]
+def split_train_val(targets: torch.Tensor, n_val: int,
+                    seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """数字の割合を保って (層化して) n_val 枚を検証用に分け、(訓練, 検証) の添字を返します。"""
+    if not 0 < n_val < len(targets):
+        raise ValueError(f"検証の枚数は 1〜{len(targets) - 1} です (渡された値: {n_val})")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(targets), generator=g)  # ランダムに混ぜてから
+    order = order[targets[order].argsort(stable=True)]  # 数字ごとにまとめる
+    picked = order[torch.linspace(0, len(order) - 1, n_val).long()]  # 等間隔に選ぶ
+    is_val = torch.zeros(len(targets), dtype=torch.bool)
+    is_val[picked] = True
+    return (~is_val).nonzero().flatten(), is_val.nonzero().flatten()
+
+
+class TensorLoader:
+    """メモリ上のテンソルを batch_size 個ずつ区切って返す、DataLoader の軽量版。"""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
+                 shuffle: bool = False):
+        self.inputs, self.targets = inputs, targets
+        self.batch_size, self.shuffle = batch_size, shuffle
+
+    def __len__(self) -> int:
+        return -(-len(self.targets) // self.batch_size)  # バッチの数 (切り上げ)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.targets)
+        order = torch.randperm(n) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.inputs[idx], self.targets[idx]
 
 
 def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: float = 0.1,
-                  translate: float = 0.1,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  translate: float = 0.1) -> torch.Tensor:
     """バッチの各画像を、ランダムに少し回し・拡大縮小し・ずらします (データ拡張)。
 
     回転は ±degrees 度、倍率は 1±scale、ずれは画像の幅の ±translate/2 です
     (28 画素なら ±1.4 画素)。背景 (黒) の値で外側を埋めます。
     """
     n = len(x)
-
-    def uniform(*shape: int) -> torch.Tensor:  # -1〜1 の一様乱数
-        return torch.rand(*shape, generator=generator) * 2 - 1
-
-    angle = uniform(n) * degrees * torch.pi / 180
-    s = 1 + uniform(n) * scale
-    shift = uniform(n, 2) * translate
+    angle = (torch.rand(n) * 2 - 1) * degrees * torch.pi / 180  # -1〜1 の一様乱数から
+    s = 1 + (torch.rand(n) * 2 - 1) * scale
+    shift = (torch.rand(n, 2) * 2 - 1) * translate
     cos, sin = s * torch.cos(angle), s * torch.sin(angle)
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
                          torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # (N, 2, 3) のアフィン行列
@@ -189,7 +253,7 @@ def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: float = 0.1,
 
 # ---------------------------------------------------------------- モデル
 class MNISTNet(nn.Module):
-    """本書の基本の CNN (畳み込み 2 層と全結合 1 層、パラメーター 7,000 個ほど)。"""
+    """基本の CNN (畳み込み 2 層と全結合 1 層、パラメーター 7,000 個ほど)。"""
 
     def __init__(self) -> None:
         super().__init__()
@@ -242,27 +306,44 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """DDP で包んだモデルなら中身を、そうでなければそのまま返します。"""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """名前から最適化器を作ります (sgd はモーメンタム 0.9 つき)。"""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr)
+    raise ValueError(f"最適化器は sgd, adam, adadelta のどれかです (渡された名前: {name!r})")
+
+
 # ---------------------------------------------------------------- 学習と評価
-def train_one_epoch(
+def train_epoch(
     model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     augment: bool = False,
-    generator: torch.Generator | None = None,
-    log_interval: int = 10,
     dry_run: bool = False,
     progress: bool = False,
-    verbose: bool = False,
+    log_interval: int = 0,
 ) -> dict[str, float]:
-    """1 エポック分の訓練をして、平均損失と (訓練中の) 正解率を返します。"""
+    """訓練データを 1 周 (1 エポック) 学習し、平均の損失と正解率を返します。
+
+    ``log_interval`` が正なら、その数のバッチごとに損失を 1 行表示します。
+    """
     model.train()  # 訓練モード (Dropout・BatchNorm が訓練時の動きをする)
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(batches, desc="訓練", leave=False, disable=not progress)
+    bar = tqdm(loader, desc="訓練", leave=False, disable=not (progress and sys.stderr.isatty()))
     for i, (inputs, targets) in enumerate(bar):
         if augment:
-            inputs = random_affine(inputs, generator=generator)
+            inputs = random_affine(inputs)
         inputs, targets = to_device(inputs, device), targets.to(device)
         optimizer.zero_grad()  # 1. 前のステップの勾配を消す
         outputs = model(inputs)  # 2. 順伝播
@@ -271,26 +352,24 @@ def train_one_epoch(
         optimizer.step()  # 5. 重みを更新する
         if scheduler is not None:
             scheduler.step()  # 学習率をステップごとに変える (one-cycle)
-        n = len(targets)
-        total_loss += loss.item() * n
+        total_loss += loss.item() * len(targets)
         correct += (outputs.argmax(1) == targets).sum().item()
-        seen += n
-        if i % log_interval == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if verbose:
-                tqdm.write(f"  バッチ {i:5d}  画像 {seen:7d} 枚  損失 {loss.item():.4f}")
+        seen += len(targets)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if log_interval > 0 and i % log_interval == 0:
+            tqdm.write(f"  バッチ {i:5d}: 損失 {loss.item():.4f}")
         if dry_run:
             break
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen}
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device, dry_run: bool = False) -> dict[str, float]:
-    """テストデータで平均損失と正解率を求めます。"""
+    """学習に使っていないデータで、平均の損失と正解率を求めます。"""
     model.eval()  # 評価モード
     total_loss, correct, seen = 0.0, 0, 0
-    for inputs, targets in batches:
+    for inputs, targets in loader:
         inputs, targets = to_device(inputs, device), targets.to(device)
         outputs = model(inputs)
         total_loss += F.cross_entropy(outputs, targets, reduction="sum").item()
@@ -299,6 +378,65 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         if dry_run:
             break
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen}
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    val_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    device: torch.device | str = "cpu",
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    augment: bool = False,
+    seed: int = 1,
+    history: list[dict[str, float]] | None = None,
+    save_path: str | os.PathLike | None = None,
+    config: dict | None = None,
+    rank: int = 0,
+    dry_run: bool = False,
+    progress: bool = False,
+    log_interval: int = 0,
+    log: bool = True,
+) -> list[dict[str, float]]:
+    """エポックごとに学習・検証・保存をして、成績の記録 (history) を返します。
+
+    本のページもコマンドライン (main) もこの関数で学習します。
+    ``history`` に前回までの記録を渡すと、その続きのエポックから始めます (再開)。
+    各エポックの乱数はシード・エポック番号・ランクだけで決まるので、
+    再開した学習は中断しなかった学習と同じ結果になります。
+    検証と保存は rank 0 だけがします (DDP の外側を外した ``unwrap(model)`` で)。
+    """
+    device = torch.device(device)
+    history = [] if history is None else history  # 渡されたリストに書き足す
+    seconds = history[-1]["seconds"] if history else 0.0
+    for epoch in range(len(history) + 1, epochs + 1):
+        torch.manual_seed(seed * 1_000_000 + epoch * 1_000 + rank)  # このエポックの乱数
+        sampler = getattr(train_loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)  # エポックごとに並びを変える (全ランクで同じ乱数)
+        start = time.perf_counter()
+        train = train_epoch(model, train_loader, optimizer, device, scheduler, augment,
+                            dry_run, progress, log_interval if rank == 0 else 0)
+        seconds += time.perf_counter() - start  # 学習時間 (検証の時間は含めない)
+        if not math.isfinite(train["loss"]):
+            raise TrainingError(f"エポック {epoch} で損失が {train['loss']} になりました。"
+                                "学習率 (--lr) を小さくしてください。")
+        record = {"epoch": epoch, "train_loss": train["loss"],
+                  "train_accuracy": train["accuracy"], "seconds": seconds}
+        if rank == 0:
+            val = evaluate(unwrap(model), val_loader, device, dry_run)
+            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            if log:
+                print(f"エポック {epoch:3d}: 訓練の損失 {train['loss']:.4f}  "
+                      f"検証の損失 {val['loss']:.4f}  検証の正解率 {100 * val['accuracy']:.2f} %",
+                      flush=True)
+        if save_path is not None and rank == 0:  # 保存できてから記録に加える
+            save_checkpoint(save_path, model, optimizer, scheduler, [*history, record], config)
+        history.append(record)
+        if dry_run:
+            break
+    return history
 
 
 @torch.no_grad()
@@ -312,86 +450,76 @@ def predict(model: nn.Module, inputs: torch.Tensor, device: torch.device | str =
     return torch.cat(probs)
 
 
-def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """名前から最適化器を作ります。"""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr)
-    raise ValueError(f"最適化器は sgd, adam, adadelta のどれかです (渡された名前: {name!r})")
-
-
-# 本書の速いレシピ (オフラインの 8,000 枚で 20 秒以内に 99 % を目指して選んだ値)
-FAST_RECIPE = {"epochs": 8, "batch_size": 128, "lr": 5e-3, "optimizer": "adam",
-               "one_cycle": True, "augment": True, "seed": 1}
-
-
-def fit(
-    model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    epochs: int = 8,
-    optimizer: str = "adam",
-    lr: float = 5e-3,
-    batch_size: int = 128,
-    one_cycle: bool = True,
-    augment: bool = True,
-    seed: int = 1,
-    device: torch.device | str = "cpu",
-) -> list[dict[str, float]]:
-    """メモリ上のテンソルで学習し、エポックごとの損失・正解率・経過秒数を返します。
-
-    既定値は本書の速いレシピ (Adam + one-cycle + データ拡張) です。
-    """
-    device = torch.device(device)
-    generator = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(optimizer, model.parameters(), lr)
-    steps = epochs * -(-len(train[0]) // batch_size)  # 切り上げの割り算
-    scheduler = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-                 if one_cycle else None)
-    history, elapsed = [], 0.0
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        batches = tensor_batches(*train, batch_size, shuffle=True, generator=generator)
-        tr = train_one_epoch(model, batches, opt, device, scheduler, augment, generator)
-        elapsed += time.perf_counter() - start  # 学習時間 (評価の時間は含めない)
-        te = evaluate(model, tensor_batches(*test, 1000), device)
-        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-                        "test_loss": te["loss"], "test_accuracy": te["accuracy"],
-                        "seconds": elapsed})
-    return history
-
-
 # ---------------------------------------------------------------- 保存と読み込み
-def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """モデルの重み (state_dict) を保存します。DDP で包んだモデルは中身を保存します。"""
-    model = model.module if hasattr(model, "module") else model
-    torch.save(model.state_dict(), path)
+# チェックポイントの形式 (1 つだけ): 次のキーを持つ辞書を torch.save したファイル。
+#   "model": モデルの state_dict   "optimizer": 最適化器の state_dict (無ければ None)
+#   "scheduler": 学習率スケジューラーの state_dict (無ければ None)
+#   "history": エポックごとの成績のリスト (長さ = 終えたエポック数)
+#   "config": 学習の設定 (再開のとき、同じ設定かを確かめる)
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    history: list[dict[str, float]] | None = None,
+    config: dict | None = None,
+) -> None:
+    """チェックポイントを保存します。途中で止まっても、前のファイルは壊れません。
 
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """保存した state_dict を読み込みます。別のモデルのものなら分かりやすく断ります。"""
+    同じフォルダーの一時ファイルに書いてから ``os.replace`` で置き換えます。
+    重みに NaN や inf があれば保存せず、例外を出します (前のファイルは残ります)。
+    """
+    weights = unwrap(model).state_dict()  # DDP で包んでいれば中身の重み
+    if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
+        raise TrainingError("重みに NaN か inf があるので保存しません。学習率を下げてください。")
+    checkpoint = {
+        "model": weights,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "history": list(history or []),
+        "config": dict(config or {}),
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # 重みだけを読む
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)  # 置き換えは一瞬で終わる (古いか新しいか、どちらかが必ず残る)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> dict:
+    """チェックポイントを読み込み、モデル (と最適化器・スケジューラー) に戻します。
+
+    戻り値はチェックポイントの辞書です (``history`` と ``config`` を再開に使います)。
+    別のモデルの重みなら、どの ``--model`` のものかを添えて断ります。
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # 重みだけを読む
     except FileNotFoundError:
         raise
     except Exception as e:  # 壊れたファイルや、テンソル以外を含むファイル
-        raise CheckpointError(f"{path} は state_dict のチェックポイントとして読めません ({e})。") \
-            from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} は state_dict (名前 → テンソルの辞書) ではありません。")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    target = model.module if hasattr(model, "module") else model
+        raise CheckpointError(f"{path} はチェックポイントとして読めません ({e})。") from e
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise CheckpointError(f"{path} は本書の形式 ('model' を持つ辞書) ではありません。")
+    state, target = checkpoint["model"], unwrap(model)
     if not _matches(target.state_dict(), state):
         others = [name for name, cls in MODELS.items() if _matches(cls().state_dict(), state)]
-        hint = "モデルの定義が保存したときと違います。"
-        if others:
-            hint = f"{others[0]} のものです。--model {others[0]} を指定してください。"
+        hint = f"--model {others[0]} を指定してください。" if others else "モデルの定義が違います。"
         raise CheckpointError(f"{path} は {type(target).__name__} の重みではありません。{hint}")
     target.load_state_dict(state)
-    return model
+    if optimizer is not None and checkpoint.get("optimizer") is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None and checkpoint.get("scheduler") is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    return checkpoint
 
 
 def _matches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> bool:
@@ -424,56 +552,79 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 # ---------------------------------------------------------------- コマンドライン
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PyTorch で MNIST を学習・評価します")
-    p.add_argument("--verbose", action="store_true", help="詳細なログを表示する")
+    p.add_argument("--verbose", action="store_true", help="設定と経過を詳しく表示する")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
-                   help="訓練時のバッチサイズ (DDP ではプロセスごと。既定: 32)")
+                   help="訓練のバッチサイズ (DDP ではプロセスごと。既定: 32)")
     p.add_argument("--test-batch-size", type=int, default=1000, metavar="N",
-                   help="テスト時のバッチサイズ (既定: 1000)")
-    p.add_argument("--no-shuffle", action="store_true", help="訓練データをシャッフルしない")
+                   help="検証・テストのバッチサイズ (既定: 1000)")
+    p.add_argument("--no-shuffle", action="store_true", help="訓練データの順番を混ぜない")
     p.add_argument("--epochs", type=int, default=10, metavar="N",
                    help="エポック数 (既定: 10。0 なら --save-model のモデルを評価するだけ)")
     p.add_argument("--lr", type=float, default=0.01, metavar="LR", help="学習率 (既定: 0.01)")
     p.add_argument("--seed", type=int, default=1, metavar="S", help="乱数のシード (既定: 1)")
-    p.add_argument("--no-cuda", action="store_true", help="GPU があっても CUDA を使わない")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:1, mps など (既定: auto = cuda → mps → cpu)")
-    p.add_argument("--dry-run", action="store_true", help="確認用に 1 バッチだけ実行する")
+    p.add_argument("--no-cuda", action="store_true", help="GPU があっても CPU で計算する")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps のどれか (既定: cuda → mps → cpu の順に選ぶ)")
+    p.add_argument("--dry-run", action="store_true", help="動作確認のため 1 バッチだけ実行する")
     p.add_argument("--log-interval", type=int, default=10, metavar="N",
-                   help="損失を表示する間隔 (バッチ数。既定: 10)")
+                   help="--verbose のとき、損失を N バッチごとに表示する (既定: 10)")
     p.add_argument("--save-model", metavar="PATH",
-                   help="モデルを保存するパス (ファイルがあれば読み込んでから続きを学習する)")
+                   help="エポックごとにチェックポイントを保存するファイル (例: mnist_net.pt)")
+    p.add_argument("--resume", action="store_true",
+                   help="--save-model のファイルから、中断したエポックの続きを学習する")
+    p.add_argument("--force", action="store_true",
+                   help="--save-model のファイルがあっても、最初から学習して上書きする")
     p.add_argument("--model", choices=list(MODELS), default="mnistnet",
                    help="モデル (既定: mnistnet)")
     p.add_argument("--optimizer", choices=["sgd", "adam", "adadelta"], default="adam",
                    help="最適化器 (既定: adam)")
     p.add_argument("--one-cycle", action="store_true", help="学習率を one-cycle で変える")
     p.add_argument("--augment", action="store_true", help="少し回し・拡大縮小し・ずらすデータ拡張")
+    p.add_argument("--val-size", type=int, default=None, metavar="N",
+                   help="訓練データから検証用に分ける枚数 (既定: 1/8)")
     p.add_argument("--train-size", type=int, default=None, metavar="N",
-                   help="訓練データの先頭 N 枚だけを使う (既定: 全部)")
+                   help="検証用を除いた訓練データの先頭 N 枚だけを使う (既定: 全部)")
     p.add_argument("--download", action="store_true",
                    help="torchvision でダウンロードする (インターネット接続が必要)")
-    p.add_argument("datadir", help="MNIST の IDX ファイルがあるディレクトリ")
+    p.add_argument("datadir", help="MNIST の IDX ファイルがあるフォルダー")
     return p
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """値の範囲を確かめ、おかしければ直し方つきで終了します。"""
-    for name in ("batch_size", "test_batch_size", "log_interval"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} は 1 以上の整数です "
-                         f"(渡された値: {getattr(args, name)})")
+    """学習を始める前に引数を確かめ、おかしければ直し方を 1 行で示して終了します (終了コード 2)。"""
+    for name in ("batch_size", "test_batch_size", "log_interval", "val_size", "train_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} は 1 以上の整数です (渡された値: {value})")
     if args.epochs < 0:
         parser.error(f"--epochs は 0 以上です (渡された値: {args.epochs})")
-    if not args.lr > 0:
-        parser.error(f"--lr は正の数です (渡された値: {args.lr})")
-    if args.train_size is not None and args.train_size <= 0:
-        parser.error(f"--train-size は 1 以上です (渡された値: {args.train_size})")
-    if args.epochs == 0 and not (args.save_model and Path(args.save_model).exists()):
-        parser.error("--epochs 0 は、既存のモデルを --save-model PATH で指定したときだけ使えます")
-    if args.no_cuda and args.device.startswith("cuda"):
-        parser.error("--no-cuda と --device cuda は同時に指定できません")
+    if not (math.isfinite(args.lr) and args.lr > 0):  # inf や nan も断る
+        parser.error(f"--lr は正の有限の数です (渡された値: {args.lr})")
+    if args.no_cuda and args.device is not None:
+        parser.error("--no-cuda と --device は同時に指定できません")
     if not args.download and not Path(args.datadir).is_dir():
-        parser.error(f"datadir {args.datadir!r} がありません (MNIST のあるディレクトリを指定)")
+        parser.error(f"datadir {args.datadir!r} がありません (MNIST のあるフォルダーを指定)")
+    if args.resume and args.force:
+        parser.error("--resume と --force は同時に指定できません")
+    if args.save_model is None:
+        if args.epochs == 0 or args.resume:
+            parser.error("--epochs 0 と --resume には --save-model PATH (既存のファイル) を指定")
+        return
+    path = Path(args.save_model)
+    if path.suffix == "" or path.is_dir():
+        parser.error(f"--save-model {path}: 拡張子つきのファイル名にします (例: mnist_net.pt)")
+    if not path.parent.is_dir():
+        parser.error(f"--save-model のフォルダー {path.parent} がありません。先に作ってください")
+    if (args.epochs == 0 or args.resume) and not path.is_file():
+        parser.error(f"--save-model {path} がありません (--epochs 0 と --resume はこれを読みます)")
+    if args.epochs > 0:
+        try:  # 書き込めるかを、学習の前に一時ファイルを作って確かめる
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as e:
+            parser.error(f"--save-model のフォルダー {path.parent} に書き込めません ({e.strerror})")
+        if path.exists() and not (args.resume or args.force):
+            parser.error(f"{path} はすでにあります。続きを学習するなら --resume、"
+                         "最初からやり直して上書きするなら --force をつけてください")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -481,90 +632,98 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
-        device = pick_device(args.device, args.no_cuda)
+        device = get_device("cpu" if args.no_cuda else args.device)
         rank, world_size = setup_distributed(device)
     except (ValueError, RuntimeError) as e:
         parser.error(str(e))
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # 1 プロセスに 1 GPU
         torch.cuda.set_device(device)
-    main_process = rank == 0  # 表示と保存は rank 0 だけがする
-    torch.manual_seed(args.seed)  # 全プロセスで同じ初期値にする
+    main_process = rank == 0  # 表示・評価・保存は rank 0 だけがする
 
+    # データ: 訓練データを訓練用と検証用に分ける。テストデータは最後に 1 回だけ使う
     try:
         if args.download:
-            train_set = torchvision_mnist(args.datadir, True, download=True)
+            full_train = torchvision_mnist(args.datadir, True, download=True)
             test_set = torchvision_mnist(args.datadir, False, download=True)
         else:
-            train_set = MNISTDataset.from_dir(args.datadir, train=True)
+            full_train = MNISTDataset.from_dir(args.datadir, train=True)
             test_set = MNISTDataset.from_dir(args.datadir, train=False)
-    except DataError as e:
+        n_val = args.val_size or len(full_train) // 8
+        train_idx, val_idx = split_train_val(torch.as_tensor(full_train.targets), n_val)
+    except (DataError, ValueError) as e:
         parser.exit(1, f"エラー: {e}\n")
-    if args.train_size is not None:
-        train_set = torch.utils.data.Subset(train_set, range(min(args.train_size, len(train_set))))
-
+    train_set = Subset(full_train, train_idx[: args.train_size].tolist())
+    val_set = Subset(full_train, val_idx.tolist())
     sampler = None
     if world_size > 1:  # 各プロセスに訓練データの別々の部分を配る
         sampler = DistributedSampler(train_set, shuffle=not args.no_shuffle, seed=args.seed)
-    generator = torch.Generator().manual_seed(args.seed + rank)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                              shuffle=sampler is None and not args.no_shuffle,
-                              generator=generator)
+                              shuffle=sampler is None and not args.no_shuffle)
+    val_loader = DataLoader(val_set, batch_size=args.test_batch_size)
     test_loader = DataLoader(test_set, batch_size=args.test_batch_size)
 
+    # モデル・最適化器・スケジューラー (続きから学習するなら、保存した状態に戻す)
+    torch.manual_seed(args.seed)  # 全プロセスで同じ初期値にする
     model = create_model(args.model, device)
-    if args.save_model and Path(args.save_model).exists():
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
+    steps = 1 if args.dry_run else max(args.epochs, 1) * len(train_loader)
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps)
+                 if args.one_cycle else None)
+    config = {k: getattr(args, k) for k in ("model", "optimizer", "lr", "batch_size", "epochs",
+                                            "one_cycle", "augment", "seed", "no_shuffle",
+                                            "val_size", "train_size")}
+    config["world_size"] = world_size
+    history: list[dict[str, float]] = []
+    if args.resume or args.epochs == 0:
         try:
-            load_checkpoint(model, args.save_model)
+            checkpoint = load_checkpoint(model, args.save_model, optimizer, scheduler)
         except CheckpointError as e:
             parser.exit(1, f"エラー: {e}\n")
+        changed = [f"{k}: {checkpoint['config'].get(k)} → {v}" for k, v in config.items()
+                   if args.resume and checkpoint["config"].get(k) != v]
+        if changed:
+            parser.error(f"{args.save_model} と設定が違うので続きを学習できません "
+                         f"({', '.join(changed)})")
+        history = checkpoint["history"]
         if main_process:
-            print(f"{args.save_model} を読み込みました")
+            print(f"{args.save_model} を読み込みました (エポック {len(history)} まで学習済み)")
     if world_size > 1:  # 勾配をプロセス間で平均する (all-reduce) ラッパー
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
-    scheduler = None
-    if args.one_cycle and args.epochs > 0:
-        steps = 1 if args.dry_run else args.epochs * len(train_loader)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps)
-
     if main_process:
         print(f"モデル {args.model} ({count_parameters(model):,} パラメーター)、"
               f"デバイス {device}、プロセス数 {world_size}、訓練 {len(train_set):,} 枚、"
-              f"テスト {len(test_set):,} 枚")
-    train_seconds = 0.0
-    for epoch in range(1, args.epochs + 1):
-        if sampler is not None:
-            sampler.set_epoch(epoch)  # エポックごとに並びを変える (全プロセスで同じ乱数)
-        start = time.perf_counter()
-        tr = train_one_epoch(model, train_loader, optimizer, device, scheduler,
-                             augment=args.augment, generator=generator,
-                             log_interval=args.log_interval, dry_run=args.dry_run,
-                             progress=main_process, verbose=args.verbose and main_process)
-        train_seconds += time.perf_counter() - start
-        if main_process:
-            te = evaluate(model, test_loader, device, dry_run=args.dry_run)
-            print(f"エポック {epoch:3d}: 訓練の損失 {tr['loss']:.4f}  "
-                  f"テストの損失 {te['loss']:.4f}  テスト正解率 {100 * te['accuracy']:.2f} %")
-        if args.dry_run:
-            break
+              f"検証 {len(val_set):,} 枚、テスト {len(test_set):,} 枚")
+        if args.verbose:
+            print("設定:", config)
 
-    result = {"train_seconds": train_seconds, "world_size": world_size}
-    if main_process:
-        te = evaluate(model, test_loader, device, dry_run=args.dry_run)
-        result.update(test_accuracy=te["accuracy"], test_loss=te["loss"])
-        images = len(train_set) * (1 if args.dry_run else args.epochs)
-        speed = f"、{images / train_seconds:,.0f} 枚/秒" if train_seconds > 0 and not args.dry_run \
-            else ""
-        print(f"結果: テスト正解率 {100 * te['accuracy']:.2f} % "
-              f"({round(te['accuracy'] * te['images'])}/{te['images']} 枚)、"
-              f"学習時間 {train_seconds:.1f} 秒{speed}")
-        if args.save_model and args.epochs > 0:
-            save_checkpoint(model, args.save_model)  # rank 0 だけが保存する
-            print(f"{args.save_model} に保存しました")
+    try:
+        fit(model, optimizer, train_loader, val_loader, args.epochs, device, scheduler,
+            args.augment, args.seed, history,
+            save_path=args.save_model if args.epochs > 0 else None, config=config,
+            rank=rank, dry_run=args.dry_run, progress=main_process,
+            log_interval=args.log_interval if args.verbose else 0)
+    except KeyboardInterrupt:
+        saved = f"エポック {len(history)} までを {args.save_model} に保存済みです。" \
+            "同じコマンドに --resume をつけると続きから学習します" \
+            if args.save_model and history else "保存したものはありません"
+        print(f"\n中断しました。{saved}", file=sys.stderr)
+        sys.exit(130)
+    except TrainingError as e:
+        parser.exit(1, f"エラー: {e}" + (f" ({args.save_model} は前のまま)" if args.save_model
+                                         else "") + "\n")
+
+    seconds = history[-1]["seconds"] if history else 0.0
+    result = {"train_seconds": seconds, "world_size": world_size, "epochs": len(history)}
+    if main_process:  # テストデータで評価するのは、学習が終わってからの 1 回だけ
+        test = evaluate(unwrap(model), test_loader, device, dry_run=args.dry_run)
+        result.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
+        print(f"結果: テスト正解率 {100 * test['accuracy']:.2f} % "
+              f"({round(test['accuracy'] * test['images'])}/{test['images']} 枚)、"
+              f"学習時間 {seconds:.1f} 秒")
     if world_size > 1:
-        dist.barrier()  # rank 0 の保存を待ってから終わる
+        dist.barrier()  # rank 0 の評価を待ってから終わる
         dist.destroy_process_group()
     return result
 

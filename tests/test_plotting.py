@@ -1,4 +1,4 @@
-"""テンソルの章の図と表を作る関数 (booktools.plotting) のテスト。"""
+"""booktools.plotting のテスト: テンソルの章の図と表を作る関数。"""
 
 import torch
 
