@@ -2,10 +2,13 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
+import pytest
 from booktools import plotting
 from torchbook.diffusion import unet
 
@@ -59,3 +62,26 @@ def test_missing_glyph_is_an_error():
                           env={**os.environ, "MPLBACKEND": "Agg"}, timeout=120)
     assert proc.returncode != 0
     assert "UserWarning: Glyph" in proc.stderr and "missing from font" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("jupyter-book") is None, reason="jupyter-book が入っていません")
+def test_build_warns_when_a_figure_has_tofu(tmp_path):
+    """セルの出力に matplotlib の豆腐の警告が残れば、ビルドの警告になる (_ext/figures.py)。"""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "_config.yml").write_text(
+        "title: t\nexecute:\n  execute_notebooks: force\nsphinx:\n  local_extensions:\n"
+        f"    figures: {root / '_ext'}\n", encoding="utf-8")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: page\n", encoding="utf-8")
+    (tmp_path / "page.md").write_text(
+        "---\njupytext:\n  text_representation:\n    format_name: myst\nkernelspec:\n"
+        "  display_name: Python 3\n  language: python\n  name: python3\n---\n\n# 図\n\n"
+        "```{code-cell} ipython3\nimport sys\n"
+        "print('UserWarning: Glyph 26085 (\\\\N{CJK UNIFIED IDEOGRAPH-65E5}) missing from "
+        "font(s) DejaVu Sans.', file=sys.stderr)\n```\n", encoding="utf-8")
+    proc = subprocess.run([shutil.which("jupyter-book"), "build", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert "豆腐" in log and "Glyph 26085" in log
+    html = (tmp_path / "_build" / "html" / "page.html").read_text(encoding="utf-8")
+    assert "figure-zoom.js" in html  # 図を原寸で開くスクリプトも入る
+    assert (tmp_path / "_build" / "html" / "_static" / "figure-zoom.js").exists()
