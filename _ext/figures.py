@@ -28,8 +28,15 @@ def _config(app: Sphinx, config: Config) -> None:
 
 
 def _assets(app: Sphinx) -> None:
-    app.add_js_file("figure-zoom.js", loading_method="defer")
-    app.add_css_file("figure-zoom.css")
+    # Jupyter Book は本の _static/ にある .js と .css を自分で全ページに加えます。
+    # 加えられていないとき (ほかの設定で使うとき) だけ、ここで加えます (2 回読むと図が 2 重に開く)。
+    def listed(files: list, name: str) -> bool:
+        return any(str(f[0] if isinstance(f, (tuple, list)) else f).endswith(name) for f in files)
+
+    if not listed(app.config.html_js_files, "figure-zoom.js"):
+        app.add_js_file("figure-zoom.js", loading_method="defer")
+    if not listed(app.config.html_css_files, "figure-zoom.css"):
+        app.add_css_file("figure-zoom.css")
 
 
 def _check_glyphs(app: Sphinx, doctree: nodes.document) -> None:

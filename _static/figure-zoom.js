@@ -2,6 +2,8 @@
 // 原寸の図をダイアログで表示します。Esc、「閉じる」ボタン、図の外のクリックで閉じます。
 (() => {
   "use strict";
+  if (window.figureZoomLoaded) return;  // 2 回読まれても 1 回だけ動く
+  window.figureZoomLoaded = true;
 
   // 対象は本文の図だけ (ロゴやボタンのアイコン、リンクの中の画像は除く)
   const SELECTOR = ".bd-article img";
