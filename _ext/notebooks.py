@@ -67,8 +67,8 @@ def _configure(app: Sphinx, config: Any) -> None:
         )
     else:
         subs["notebook_install"] = (
-            "ノートブックは、本書のリポジトリのフォルダーで `pip install -e \".[book]\"` を"
-            "実行した環境で動かします。"
+            "手元の Jupyter で開くときは、本書のリポジトリのフォルダーで "
+            "`pip install -e \".[book]\"` を実行してから開きます。"
         )
     config.myst_substitutions = subs
 

@@ -270,9 +270,9 @@ def unet_diagram_svg(config: dict) -> str:
     g = graphviz.Digraph(graph_attr={"rankdir": "TB", "fontname": SVG_FONTS,
                                      "nodesep": "0.25", "ranksep": "0.3"},
                          node_attr={"shape": "box", "style": "rounded,filled",
-                                    "fontname": SVG_FONTS, "fontsize": "11",
+                                    "fontname": SVG_FONTS, "fontsize": "12",
                                     "fillcolor": "#eef3fb"},
-                         edge_attr={"fontname": SVG_FONTS, "fontsize": "9"})
+                         edge_attr={"fontname": SVG_FONTS, "fontsize": "11"})
     g.node("x", f"入力 x_t\n1×{config['image_size']}×{config['image_size']}", fillcolor="#ffffff")
     g.node("unshuf", f"pixel_unshuffle ({p}×{p} の区画をチャンネルへ)\n{c_io}×{s}×{s}")
     g.node("conv_in", f"3×3 畳み込み\n{ch[0]}×{s}×{s}")
