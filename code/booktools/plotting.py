@@ -1,12 +1,21 @@
 """本の図を描くための補助関数 (本書専用。読者のプロジェクトにコピーする必要はありません)。
 
 import するだけで matplotlib に日本語フォント (IPAexGothic, matplotlib-fontja) を設定し、
-図のラベルが豆腐 (□) にならないようにします。
+図のラベルが豆腐 (□) にならないようにします。それでも字形の無い文字が出たときは、
+警告ではなくエラーにして、ビルドを止めます。
+
+graphviz の図は SVG で返し、文字は文字のまま残します (読者のブラウザーが自分の日本語フォントで
+描くので、どの環境でも豆腐になりません)。
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import matplotlib_fontja
@@ -14,6 +23,8 @@ import torch
 from torchvision.utils import make_grid
 
 matplotlib_fontja.japanize()
+# 字形の無い文字 (豆腐) は、図を描いた時点でエラーにする (警告のままだと見落とす)
+warnings.filterwarnings("error", message=r"Glyph \d+ .*missing from font", category=UserWarning)
 plt.rcParams["axes.unicode_minus"] = False  # マイナス記号の豆腐を防ぐ
 plt.rcParams["figure.dpi"] = 100
 plt.rcParams["savefig.bbox"] = "tight"
@@ -77,20 +88,45 @@ def line_plot(
     return fig
 
 
-def cpu_gpu_flow_png() -> bytes:
-    """CPU と GPU の役割分担 (プログラム → データ → 実行 → 結果) の図を PNG で返します。"""
+# SVG に書くフォント名。先頭の IPAexGothic で配置を計算し、ブラウザーは入っているものを使う
+SVG_FONTS = "IPAexGothic,Hiragino Sans,Yu Gothic,Meiryo,Noto Sans CJK JP,sans-serif"
+
+
+def dot_svg(source: str) -> str:
+    """graphviz の DOT ソースを SVG の文字列にします (文字は <text> のまま)。
+
+    文字の幅は matplotlib-fontja の IPAexGothic で測ります。計算機に入っているフォントに
+    よらず同じ SVG になり、日本語の入った箱の大きさも正しくなります。
+    """
+    fonts = Path(matplotlib_fontja.__file__).parent / "fonts"
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "fonts.conf"
+        conf.write_text(
+            '<?xml version="1.0"?><fontconfig>'
+            '<include ignore_missing="yes">/etc/fonts/fonts.conf</include>'
+            f"<dir>{fonts}</dir><cachedir>{tmp}</cachedir></fontconfig>",
+            encoding="utf-8",
+        )
+        proc = subprocess.run(["dot", "-Tsvg"], input=source.encode("utf-8"),
+                              capture_output=True, check=True,
+                              env={**os.environ, "FONTCONFIG_FILE": str(conf)})
+    return proc.stdout.decode("utf-8")
+
+
+def cpu_gpu_flow_svg() -> str:
+    """CPU と GPU の役割分担 (プログラム → データ → 実行 → 結果) の図を SVG で返します。"""
     import graphviz  # 図を描くときだけ使う
 
-    g = graphviz.Digraph(graph_attr={"rankdir": "LR", "dpi": "110", "fontname": "IPAGothic"})
-    g.attr("node", shape="box", style="rounded,filled", fontname="IPAGothic", fontsize="12")
-    g.attr("edge", fontname="IPAGothic", fontsize="11")
+    g = graphviz.Digraph(graph_attr={"rankdir": "LR", "fontname": SVG_FONTS})
+    g.attr("node", shape="box", style="rounded,filled", fontname=SVG_FONTS, fontsize="12")
+    g.attr("edge", fontname=SVG_FONTS, fontsize="11")
     g.node("cpu", "CPU\n主記憶 (ホスト)", fillcolor="#dbe9f6", width="1.8", height="1.6")
     g.node("gpu", "GPU\nGPU のメモリ (デバイス)", fillcolor="#fde2c8", width="1.8", height="1.6")
     g.edge("cpu", "gpu", label="1. プログラム (カーネル)")
     g.edge("cpu", "gpu", label="2. データ (cudaMemcpy)")
     g.edge("gpu", "gpu", label="3. 実行 (多数のスレッド)")
     g.edge("gpu", "cpu", label="4. 計算結果 (cudaMemcpy)")
-    return g.pipe(format="png")
+    return dot_svg(g.source)
 
 
 def _draw_cells(ax: plt.Axes, t: torch.Tensor, x0: float, y0: float, title: str,
@@ -223,22 +259,22 @@ def captioned_images(
     return fig
 
 
-def unet_diagram_png(config: dict) -> bytes:
-    """拡散モデルの章の UNet (``UNet.config``) の構成図を graphviz で描き、PNG を返します。"""
+def unet_diagram_svg(config: dict) -> str:
+    """拡散モデルの章の UNet (``UNet.config``) の構成図を graphviz で描き、SVG を返します。"""
     import graphviz
 
     ch = config["channels"]
     p = config["patch_size"]
     s = config["image_size"] // p
     c_io = config["in_channels"] * p * p
-    g = graphviz.Digraph(graph_attr={"rankdir": "TB", "fontname": "IPAexGothic", "dpi": "110",
+    g = graphviz.Digraph(graph_attr={"rankdir": "TB", "fontname": SVG_FONTS,
                                      "nodesep": "0.25", "ranksep": "0.3"},
                          node_attr={"shape": "box", "style": "rounded,filled",
-                                    "fontname": "IPAexGothic", "fontsize": "11",
+                                    "fontname": SVG_FONTS, "fontsize": "12",
                                     "fillcolor": "#eef3fb"},
-                         edge_attr={"fontname": "IPAexGothic", "fontsize": "9"})
+                         edge_attr={"fontname": SVG_FONTS, "fontsize": "11"})
     g.node("x", f"入力 x_t\n1×{config['image_size']}×{config['image_size']}", fillcolor="#ffffff")
-    g.node("unshuf", f"pixel_unshuffle ({p}×{p} の区画をチャネルへ)\n{c_io}×{s}×{s}")
+    g.node("unshuf", f"pixel_unshuffle ({p}×{p} の区画をチャンネルへ)\n{c_io}×{s}×{s}")
     g.node("conv_in", f"3×3 畳み込み\n{ch[0]}×{s}×{s}")
     g.edges([("x", "unshuf"), ("unshuf", "conv_in")])
     prev, res = "conv_in", s
@@ -268,9 +304,9 @@ def unet_diagram_png(config: dict) -> bytes:
     g.node("shuf", f"pixel_shuffle\n出力 (ε の予測) 1×{size}×{size}", fillcolor="#ffffff")
     g.edges([(prev, "out"), ("out", "shuf")])
     with g.subgraph(name="cluster_emb") as e:
-        e.attr(label="条件の埋め込み", fontname="IPAexGothic", style="dashed")
+        e.attr(label="条件の埋め込み", fontname=SVG_FONTS, style="dashed")
         e.node("t", "時刻 t (整数)\n正弦波埋め込み → MLP", fillcolor="#e6f4e6")
         e.node("y", "クラス y (0〜9、10 = クラスなし)\nnn.Embedding", fillcolor="#e6f4e6")
         e.node("emb", f"和 ({4 * ch[0]} 次元)\n各 ResBlock へ", fillcolor="#e6f4e6")
         e.edges([("t", "emb"), ("y", "emb")])
-    return g.pipe(format="png")
+    return dot_svg(g.source)

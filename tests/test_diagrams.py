@@ -1,0 +1,87 @@
+"""本の図の検査: graphviz の図は文字を残した SVG で、matplotlib の豆腐はエラーになること。"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from booktools import plotting
+from torchbook.diffusion import unet
+
+SVG_NS = "{http://www.w3.org/2000/svg}"
+
+
+def svg_texts(svg: str) -> list[str]:
+    root = ET.fromstring(svg.encode("utf-8"))
+    assert root.tag == f"{SVG_NS}svg"
+    assert list(root.iter(f"{SVG_NS}image")) == []  # 埋め込みのラスター画像は無い
+    for t in root.iter(f"{SVG_NS}text"):
+        assert t.get("font-family").endswith("sans-serif")  # 最後は汎用フォントに落ちる
+    return [t.text or "" for t in root.iter(f"{SVG_NS}text")]
+
+
+def test_cpu_gpu_flow_is_svg_with_japanese_text():
+    texts = svg_texts(plotting.cpu_gpu_flow_svg())
+    assert "主記憶 (ホスト)" in texts
+    assert "4. 計算結果 (cudaMemcpy)" in texts
+
+
+def test_unet_diagram_follows_the_config():
+    config = unet.UNet(channels=(16, 24), image_size=16, patch_size=2).config
+    texts = svg_texts(plotting.unet_diagram_svg(config))
+    assert "ResBlock 24ch (中央)" in texts
+    assert "出力 (ε の予測) 1×16×16" in texts
+    assert texts.count("スキップ接続") == 2
+
+
+def test_svg_is_the_same_on_every_build():
+    assert plotting.cpu_gpu_flow_svg() == plotting.cpu_gpu_flow_svg()
+
+
+def test_box_is_wide_enough_for_japanese_label():
+    """箱の幅は IPAexGothic で測る: 全角 12 文字 (12pt) の箱は 12 × 12pt より広い。"""
+    svg = plotting.dot_svg('digraph { a [shape=box fontsize=12 fontname="IPAexGothic" '
+                           'label="あいうえおかきくけこさし"] }')
+    xs = [float(x) for x in re.findall(r"(-?[\d.]+),-?[\d.]+", svg.split('class="node"')[1])]
+    assert max(xs) - min(xs) >= 12 * 12
+
+
+def test_missing_glyph_is_an_error():
+    """booktools.plotting を import したカーネルでは、豆腐になる文字を描くとエラーになる。"""
+    code = (
+        "from booktools import plotting\n"
+        "fig, ax = plotting.plt.subplots()\n"
+        "ax.set_title('日本語', fontfamily='DejaVu Sans')\n"  # 日本語の字形が無いフォント
+        "fig.canvas.draw()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "MPLBACKEND": "Agg"}, timeout=120)
+    assert proc.returncode != 0
+    assert "UserWarning: Glyph" in proc.stderr and "missing from font" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("jupyter-book") is None, reason="jupyter-book が入っていません")
+def test_build_warns_when_a_figure_has_tofu(tmp_path):
+    """セルの出力に matplotlib の豆腐の警告が残れば、ビルドの警告になる (_ext/figures.py)。"""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "_config.yml").write_text(
+        "title: t\nexecute:\n  execute_notebooks: force\nsphinx:\n  local_extensions:\n"
+        f"    figures: {root / '_ext'}\n", encoding="utf-8")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: page\n", encoding="utf-8")
+    (tmp_path / "page.md").write_text(
+        "---\njupytext:\n  text_representation:\n    format_name: myst\nkernelspec:\n"
+        "  display_name: Python 3\n  language: python\n  name: python3\n---\n\n# 図\n\n"
+        "```{code-cell} ipython3\nimport sys\n"
+        "print('UserWarning: Glyph 26085 (\\\\N{CJK UNIFIED IDEOGRAPH-65E5}) missing from "
+        "font(s) DejaVu Sans.', file=sys.stderr)\n```\n", encoding="utf-8")
+    proc = subprocess.run([shutil.which("jupyter-book"), "build", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert "豆腐" in log and "Glyph 26085" in log
+    html = (tmp_path / "_build" / "html" / "page.html").read_text(encoding="utf-8")
+    assert "figure-zoom.js" in html  # 図を原寸で開くスクリプトも入る
+    assert (tmp_path / "_build" / "html" / "_static" / "figure-zoom.js").exists()
