@@ -4,6 +4,7 @@ import json
 import sqlite3
 
 import torch
+
 from booktools import bookenv
 from torchbook import device
 

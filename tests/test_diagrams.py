@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
 from booktools import plotting
 from torchbook.diffusion import unet
 

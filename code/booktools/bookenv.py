@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torchbook.device import describe_device, get_device
 
 from booktools import data
+from torchbook.device import describe_device, get_device
 
 CACHE_DIR = data.REPO_ROOT / "_build" / ".jupyter_cache"
 
