@@ -50,6 +50,7 @@ base="${PYTHON:-}"
 if [ -z "$base" ]; then
   if command -v python3 >/dev/null; then base=python3
   elif command -v python >/dev/null; then base=python
+  elif apt_install python3 python3-venv; then base=python3
   else
     fail "Python が見つかりません。Python 3.10 以上を入れてから、もう一度実行してください:" \
       "  Debian/Ubuntu: sudo apt-get install python3 python3-venv" \
