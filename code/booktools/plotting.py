@@ -286,7 +286,8 @@ def captioned_images(
     """(N, 1, H, W) の画像を、それぞれの下に短い説明をつけて並べます。"""
     n = len(images)
     nrow = (n + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.25 * ncol, 1.75 * nrow), squeeze=False)
+    # 1 マス 1 インチ: 8 列で本文の幅 (688 px) にほぼ収まり、8 pt の説明が 9 px 以上で読める
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.0 * ncol, 1.45 * nrow), squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
