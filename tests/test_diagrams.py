@@ -86,3 +86,22 @@ def test_build_warns_when_a_figure_has_tofu(tmp_path):
     html = (tmp_path / "_build" / "html" / "page.html").read_text(encoding="utf-8")
     assert "figure-zoom.js" in html  # 図を原寸で開くスクリプトも入る
     assert (tmp_path / "_build" / "html" / "_static" / "figure-zoom.js").exists()
+
+
+def test_png_records_smallest_font_size():
+    """PNG には最小の文字の大きさ (min_font_pt) が書かれる (CI の文字の大きさの検査が読む)。"""
+    import io
+
+    from PIL import Image
+
+    fig, ax = plotting.plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    ax.set_title("題", fontsize=14)
+    ax.text(0.5, 0.5, "小さな注記", fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert Image.open(io.BytesIO(buf.getvalue())).text["min_font_pt"] == "7"
+    ax.texts[0].remove()
+    ax.axis("off")  # 軸を消すと目盛りの数字 (10 pt) も数えない
+    assert plotting.smallest_font_pt(fig) == 14
+    plotting.plt.close(fig)

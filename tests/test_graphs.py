@@ -131,3 +131,12 @@ def test_long_chain_has_one_node_per_operation():
     assert labels.count("AddBackward0") == 30
     assert labels.count("x") == 1
     assert len(labels) == 30 + 30 + 1 + 1  # 演算、葉、出力
+
+
+def test_autograd_graph_direction():
+    x = torch.tensor(3.0, requires_grad=True)
+    y = x * 2
+    assert "rankdir=TB" in graphs.autograd_graph(y, {"x": x}, rankdir="TB").source
+    assert "rankdir=LR" in graphs.autograd_graph(y, {"x": x}).source
+    with pytest.raises(ValueError, match="rankdir"):
+        graphs.autograd_graph(y, {"x": x}, rankdir="RL ")

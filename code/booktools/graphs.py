@@ -36,10 +36,12 @@ def autograd_graph(
     output: torch.Tensor,
     names: Mapping[str, torch.Tensor] | None = None,
     output_name: str = "出力",
+    rankdir: str = "LR",
 ) -> graphviz.Digraph:
     """テンソル `output` の計算グラフ (grad_fn の連鎖) を描いた Digraph を返します。
 
     names は「名前 → 葉のテンソル」の辞書です (例: {"x": x} や model.named_parameters())。
+    rankdir は矢印の向きです ("LR" は左から右、長いグラフは "TB" で上から下)。
     葉のテンソルの勾配をためる AccumulateGrad ノードは、その変数の名前で表示します。
     同じノードに何度たどり着いても、ノードは 1 つだけ描きます。
     """
@@ -50,8 +52,10 @@ def autograd_graph(
         raise ValueError("このテンソルには grad_fn がありません (requires_grad=False)。"
                          "requires_grad=True のテンソルから計算したテンソルを渡してください。")
     leaf_names = {id(t): n for n, t in (names or {}).items()}
+    if rankdir not in ("LR", "TB"):
+        raise ValueError(f'rankdir は "LR" か "TB" です (渡された値: {rankdir!r})')
     dot = graphviz.Digraph(name="autograd")
-    dot.attr("graph", rankdir="LR")
+    dot.attr("graph", rankdir=rankdir)
     dot.attr("node", fontname=_FONT, fontsize="12")
 
     # id(grad_fn) → (grad_fn, "n0") 。番号にするのはビルドごとに同じ SVG にするため、

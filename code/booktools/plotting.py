@@ -20,6 +20,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import matplotlib_fontja
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torchvision.utils import make_grid
 
 matplotlib_fontja.japanize()
@@ -28,6 +29,44 @@ warnings.filterwarnings("error", message=r"Glyph \d+ .*missing from font", categ
 plt.rcParams["axes.unicode_minus"] = False  # マイナス記号の豆腐を防ぐ
 plt.rcParams["figure.dpi"] = 100
 plt.rcParams["savefig.bbox"] = "tight"
+
+
+def smallest_font_pt(fig: plt.Figure) -> float:
+    """図に描かれる文字のうち、最も小さい文字の大きさ (pt) を返します (文字が無ければ 0)。
+
+    目盛りの数字は、軸を表示している (axis("off") でない) ときだけ数えます。
+    """
+    texts = list(fig.texts)
+    if fig._suptitle is not None:
+        texts.append(fig._suptitle)
+    for ax in fig.axes:
+        texts += [*ax.texts, ax.title, ax._left_title, ax._right_title]
+        if ax.get_legend() is not None:
+            texts += ax.get_legend().get_texts()
+        if ax.axison:
+            for axis in (ax.xaxis, ax.yaxis):
+                texts.append(axis.label)
+                texts += axis.get_ticklabels()
+    sizes = [t.get_fontsize() for t in texts if t.get_visible() and t.get_text().strip()]
+    return float(min(sizes)) if sizes else 0.0
+
+
+_print_png = FigureCanvasAgg.print_png
+
+
+def _print_png_with_font_size(self, filename_or_obj, *, metadata=None, pil_kwargs=None,
+                              **_unused):
+    """PNG に最小の文字の大きさ (min_font_pt) を書き込みます。
+
+    CI のブラウザー検査が、表示の倍率と合わせて文字が読める大きさかを確かめるのに使います。
+    matplotlib は元の print_png が受け取らない引数 (dpi、orientation など) も渡すので捨てます
+    (元の print_png では matplotlib 自身が捨てている引数です)。
+    """
+    metadata = {**(metadata or {}), "min_font_pt": f"{smallest_font_pt(self.figure):g}"}
+    return _print_png(self, filename_or_obj, metadata=metadata, pil_kwargs=pil_kwargs)
+
+
+FigureCanvasAgg.print_png = _print_png_with_font_size
 
 
 def image_grid(
@@ -247,7 +286,8 @@ def captioned_images(
     """(N, 1, H, W) の画像を、それぞれの下に短い説明をつけて並べます。"""
     n = len(images)
     nrow = (n + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.25 * ncol, 1.75 * nrow), squeeze=False)
+    # 1 マス 1 インチ: 8 列で本文の幅 (688 px) にほぼ収まり、8 pt の説明が 9 px 以上で読める
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.0 * ncol, 1.45 * nrow), squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:

@@ -1,0 +1,52 @@
+"""読者のブラウザー向けの修正 (_ext/ja_search.py、_ext/reader_fixes.py) の純粋な関数の検査。
+
+ブラウザーでの確かめ (引き出しが開く、検索で見つかる、axe) は .ci/browser_check.py が行います。
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "_ext"))
+
+from ja_search import bigrams  # noqa: E402
+from reader_fixes import fix_html, purge_css  # noqa: E402
+
+
+def test_every_query_bigram_is_indexed_for_a_page_containing_the_term():
+    # 文の中でどう単語に分かれても、語を含む文の 2 文字組は、語の 2 文字組をすべて含む
+    text = "本章では勾配降下法と分類器なしガイダンスを使う拡散モデルを学びます。"
+    for term in ["勾配降下", "分類器なしガイダンス", "拡散モデル", "学びます"]:
+        assert set(bigrams(term)) <= set(bigrams(text))
+    assert "降下" in bigrams(text) and "PyTorch" not in "".join(bigrams("PyTorch のテンソル"))
+
+
+def test_fix_html_removes_heavy_and_duplicate_scripts_and_fixes_labels():
+    page = (
+        '<html><head>\n    <script>const A = 1;</script>\n    <script>const A = 1;</script>\n'
+        '<script defer src="../_static/scripts/fontawesome.js?digest=1"></script>\n'
+        '<script src="../_static/searchtools.js"></script>\n'
+        '<script defer="defer" src="../_static/mathjax/startup.js"></script></head><body>'
+        '<button class="btn search-button__button" title="検索" aria-label="検索">'
+        "検索 Ctrl+K</button>"
+        '<summary aria-label="Toggle hidden content">コードを表示</summary>'
+        '<div role="doc-biblioentry"></div><img alt="図" src="../_images/a.png" /></body></html>'
+    )
+    out = fix_html(page, is_search_page=False)
+    assert out.count("const A = 1;") == 1
+    assert "fontawesome.js" not in out and "searchtools.js" not in out
+    assert 'src="../_static/mathjax/startup.js"' not in out and "__readerLoadMath" in out
+    assert 'aria-label="検索"' not in out and "<summary>" in out
+    assert 'role="listitem"' in out and '<img loading="lazy" alt="図"' in out
+    assert "searchtools.js" in fix_html(page, is_search_page=True)
+
+
+def test_purge_css_keeps_used_and_negated_rules():
+    css = (
+        ".used{a:1}.unused{b:2}.unused,.used2{c:3}@media (min-width:1px){.unused{d:4}.used{e:5}}"
+        ".x:not(.unused){f:6}@font-face{font-family:F}p{g:7}.bs-tooltip-top{h:8}"
+    )
+    out = purge_css(css, {"used", "used2", "x"}, prefixes=("bs-tooltip-",))
+    assert ".unused{b:2}" not in out and "d:4" not in out
+    kept_rules = (".used{a:1}", ".used2{c:3}", ".used{e:5}", ".x:not(.unused){f:6}")
+    for kept in (*kept_rules, "@font-face", "p{g:7}", ".bs-tooltip-top{h:8}"):
+        assert kept in out
