@@ -152,6 +152,15 @@ def test_copied_folder_runs_alone(tmp_path):
 
 
 def test_sample_dry_run_builds_its_model_on_the_chosen_device(monkeypatch, tmp_path):
+    """--dry-run の UNet も --device の装置へ移す (以前は CPU のままで、CUDA 機で失敗した)。"""
+    moved = []
+
+    class SpyUNet(sample.UNet):
+        def to(self, *args, **kwargs):
+            moved.extend(a for a in args if isinstance(a, torch.device))
+            return super().to(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "UNet", SpyUNet)
     seen = {}
     real = sample.sample
 
@@ -161,8 +170,9 @@ def test_sample_dry_run_builds_its_model_on_the_chosen_device(monkeypatch, tmp_p
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(sample, "sample", spy)
-    sample.main(["--dry-run", "--out", str(tmp_path / "g.png")])
-    assert seen["model"].type == seen["device"].type
+    sample.main(["--dry-run", "--device", "cpu", "--out", str(tmp_path / "g.png")])
+    assert moved == [torch.device("cpu")]
+    assert seen["model"].type == seen["device"].type == "cpu"
 
 
 def test_provenance_records_the_module_as_run(tmp_path):
