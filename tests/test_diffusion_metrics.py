@@ -187,3 +187,29 @@ def test_shipped_classifier_separates_real_from_noise(test_images):
     scores = metrics.score_samples(model, noise, x[metrics.balanced_blocks(y, "val", 500)[0]])
     assert scores["fid"] > 20 * ref["fid_max"]
     assert scores["kid_mean"] > 20 * max(ref["kid_mean"], ref["kid_std"])
+
+
+# ---------------------------------------------------------------- 来歴 JSON (同梱)
+
+
+def test_shipped_provenance_records_the_split_of_every_number():
+    import json
+
+    from diffusion_fixtures import WEIGHTS
+
+    info = json.loads((WEIGHTS / "ddpm_fashion.json").read_text("utf-8"))
+    ev, sel = info["eval"], info["selection"]
+    assert all(key.split("/")[0] == v["split"] in metrics.SPLITS for key, v in ev.items())
+    n = sel["n"]
+    assert sel["split"] == "val" and sel["chosen"] in sel["candidates"]
+    assert all(ev[f"val/{task}@{n}"]["fid"] == fid for task, fid in sel["candidates"].items())
+    assert sel["chosen_fid"] == min(sel["candidates"].values())
+    tests = [v for v in ev.values() if v["split"] == "test" and v["task"] != "reference"]
+    assert [v["task"] for v in tests] == [sel["chosen"]]  # test で測ったのは選んだものだけ
+    for split in metrics.SPLITS:
+        ref = ev[f"{split}/reference@{n}"]
+        assert ref["fid_min"] <= ref["fid"] <= ref["fid_max"] and len(ref["fid_blocks"]) >= 2
+    assert "LEGACY" in info["eval_legacy_note"]
+    clf = json.loads((WEIGHTS / "fashion_classifier.json").read_text("utf-8"))
+    assert set(clf["real_reference"]) == {f"{s}@1000" for s in metrics.SPLITS}
+    assert "real_floor" not in clf
