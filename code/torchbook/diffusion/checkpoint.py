@@ -136,8 +136,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 def restore_training(ckpt: dict, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
                      lr_scheduler, generator: torch.Generator) -> int:
     """再開用のチェックポイント (ema_only でないもの) の状態を戻し、ステップ数を返します。"""
-    if "model" not in ckpt:
-        raise ValueError("配布用 (EMA だけ) のチェックポイントからは再開できません")
+    if "model" not in ckpt or ckpt.get("generator") is None:
+        raise ValueError("配布用 (EMA だけ) か古い形式のチェックポイントなので再開できません")
     if ckpt["unet"] != model.config:
         raise ValueError(f"チェックポイントは別の構造のモデル ({ckpt['unet']}) のものです")
     model.load_state_dict(ckpt["model"])

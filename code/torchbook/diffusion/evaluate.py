@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -235,8 +236,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(str(e)) from None
     results = {}
     for kwargs in args.parsed:
-        res = run_task(kwargs, model, sched, clf, images, labels, args.split, args.n,
-                       args.batch_size, args.seed, device, bf16)
+        try:
+            res = run_task(kwargs, model, sched, clf, images, labels, args.split, args.n,
+                           args.batch_size, args.seed, device, bf16)
+        except KeyboardInterrupt:  # 済んだタスクは JSON に書いてある
+            print(f"\n中断しました。終わったタスク ({len(results)} 個) は {args.out} に"
+                  "書いてあります", file=sys.stderr)
+            raise SystemExit(130) from None
         res.update(task=kwargs["task"], split=args.split, split_seed=SPLIT_SEED, n=args.n,
                    sampler_seed=args.seed, checkpoint=os.path.basename(args.checkpoint),
                    command=command, device=str(device), bf16=bf16,
