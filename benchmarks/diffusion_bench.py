@@ -1,34 +1,40 @@
 """拡散モデルの速さのベンチマーク (同じ実行の中で並べて比べます)。
 
-1. 学習ステップの速さ (img/s): 本書の UNet と、seed 003 の UNetWithTime (BatchNorm、
-   Python ループの時刻埋め込み) を同じパラメータ数に縮めたもの。
-2. 生成の速さ: DDIM 50 ステップ (η = 1) と DDPM 1000 ステップの 1 枚あたりの時間。
-3. 来歴 JSON にある FID (evaluate CLI の結果) を、本物どうしの下限と並べて表示。
+1. 1 枚あたりの計算量 (FLOP、``torch.utils.flop_counter``) と学習ステップの速さ (img/s):
+   本書の UNet と、入門記事「ちょい調べた!拡散モデルとは?【実装編】」(note) の
+   UNetWithTime (BatchNorm、Python ループの時刻埋め込み) を同じパラメーター数に縮めたもの。
+   どちらも同じ形式 (fp32 / channels_last / bf16) をすべて試し、それぞれの最速どうしを比べます。
+2. 時刻埋め込みが学習ステップに占める割合。
+3. 生成の速さ: DDIM 50 ステップと DDPM 1000 ステップの 1 枚あたりの時間。
+4. 来歴 JSON の評価 (evaluate CLI): val で選んだサンプラーと、test での 1 回の測定。
 
-    python benchmarks/diffusion_bench.py --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/diffusion_bench.py --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from torchbook.diffusion.sample import DEFAULT_CHECKPOINT
+from torchbook.diffusion.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from torchbook.diffusion.device import bf16_supported
 from torchbook.diffusion.sampling import sample
 from torchbook.diffusion.schedule import NoiseSchedule
-from torchbook.diffusion.train import bf16_supported, training_loss
-from torchbook.diffusion.unet import UNet
+from torchbook.diffusion.train import training_loss
+from torchbook.diffusion.unet import UNet, timestep_embedding
 
-# ---------------------------------------------------------------- seed 003 の設計 (書かれたとおり)
+ARTICLE = "入門記事のモデル"
+
+# ------------------------------------------------ 入門記事のモデル (記事に書かれたとおり)
 
 
-def seed_time_embedding(time_steps, time_dim, device="cpu"):
+def article_time_embedding(time_steps, time_dim, device="cpu"):
     max_time = len(time_steps)
     embeddings = torch.zeros(max_time, time_dim, device=device)
     idx = torch.arange(0, time_dim, device=device)
@@ -39,7 +45,7 @@ def seed_time_embedding(time_steps, time_dim, device="cpu"):
     return embeddings
 
 
-class SeedConvBlock(nn.Module):
+class ArticleConvBlock(nn.Module):
     def __init__(self, in_channels, out_channels, time_dim):
         super().__init__()
         self.conv = nn.Sequential(
@@ -56,23 +62,23 @@ class SeedConvBlock(nn.Module):
         return self.conv(x)
 
 
-class SeedUNetWithTime(nn.Module):
-    """seed 003 の UNetWithTime。幅 c (原文は 64) と time_dim (原文は 512) だけを変えられます。"""
+class ArticleUNetWithTime(nn.Module):
+    """記事の UNetWithTime。幅 c (原文は 64) と time_dim (原文は 512) だけを変えられます。"""
 
     def __init__(self, c=64, time_dim=512):
         super().__init__()
         self.time_dim = time_dim
-        self.down_conv1 = SeedConvBlock(1, c, time_dim)
-        self.down_conv2 = SeedConvBlock(c, 2 * c, time_dim)
-        self.bottleneck = SeedConvBlock(2 * c, 4 * c, time_dim)
-        self.up_conv2 = SeedConvBlock(6 * c, 2 * c, time_dim)
-        self.up_conv1 = SeedConvBlock(3 * c, c, time_dim)
+        self.down_conv1 = ArticleConvBlock(1, c, time_dim)
+        self.down_conv2 = ArticleConvBlock(c, 2 * c, time_dim)
+        self.bottleneck = ArticleConvBlock(2 * c, 4 * c, time_dim)
+        self.up_conv2 = ArticleConvBlock(6 * c, 2 * c, time_dim)
+        self.up_conv1 = ArticleConvBlock(3 * c, c, time_dim)
         self.out = nn.Conv2d(c, 1, 1)
         self.max_pool = nn.MaxPool2d(2, 2)
         self.up_sample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
 
     def forward(self, x, time_steps):
-        t = seed_time_embedding(time_steps, self.time_dim, device=x.device)
+        t = article_time_embedding(time_steps, self.time_dim, device=x.device)
         x1 = self.down_conv1(x, t)
         x2 = self.down_conv2(self.max_pool(x1), t)
         x = self.bottleneck(self.max_pool(x2), t)
@@ -85,28 +91,37 @@ def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def seed_model_like(target: int) -> SeedUNetWithTime:
-    """パラメータ数が target に最も近い幅 c の seed モデル (time_dim = 8c は原文と同じ比)。"""
+def article_model_like(target: int) -> ArticleUNetWithTime:
+    """パラメーター数が target に最も近い幅 c の記事のモデル (time_dim = 8c は原文と同じ比)。"""
     def gap(c: int) -> int:
-        return abs(n_params(SeedUNetWithTime(c, 8 * c)) - target)
+        return abs(n_params(ArticleUNetWithTime(c, 8 * c)) - target)
 
     best = min(range(8, 129, 2), key=gap)
-    return SeedUNetWithTime(best, 8 * best)
+    return ArticleUNetWithTime(best, 8 * best)
 
 
 # ---------------------------------------------------------------- 計測
 
 
-def train_throughput(step, batch: int, warmup: int, iters: int) -> float:
+def seconds_per_call(fn, warmup: int, iters: int) -> float:
     for _ in range(warmup):
-        step()
+        fn()
     t0 = time.perf_counter()
     for _ in range(iters):
-        step()
-    return batch * iters / (time.perf_counter() - t0)
+        fn()
+    return (time.perf_counter() - t0) / iters
 
 
-def ours_step(model, sched, x, y, opt, bf16):
+def forward_flops(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> int:
+    """順伝播 1 回の浮動小数点演算の回数 (掛け算と足し算を別に数える)。"""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return counter.get_total_flops()
+
+
+def ours_step(model, sched, x, y, bf16):
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = training_loss(model, sched, x, y)
@@ -116,16 +131,18 @@ def ours_step(model, sched, x, y, opt, bf16):
     return step
 
 
-def seed_step(model, x, opt):
+def article_step(model, x, bf16):
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
     betas = torch.linspace(0.001, 0.01, 1000)
     ac = (1 - betas).cumprod(0)
 
-    def step():  # seed 003 の学習ループの 1 ステップ (t は 1..1000)
+    def step():  # 記事の学習ループの 1 ステップ (t は 1..1000)
         t = torch.randint(1, 1001, (len(x),))
         noise = torch.randn_like(x)
         a = ac[t - 1].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x + (1 - a).sqrt() * noise
-        loss = nn.functional.mse_loss(model(x_t, t), noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.mse_loss(model(x_t, t).float(), noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -136,84 +153,100 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--sample-n", type=int, default=32, help="生成の速さを測る枚数")
-    p.add_argument("--skip-ddpm", action="store_true", help="DDPM 1000 ステップの計測を省く")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--sample-n", type=int, default=8, help="生成の速さを測る枚数")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 1, 32, 32) * 2 - 1
     y = torch.randint(0, 10, (args.batch_size,))
+    t = torch.randint(0, 1000, (args.batch_size,))
     sched = NoiseSchedule.from_name("cosine")
+    cpu = torch.device("cpu")
     print(f"日時: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 開始時の負荷 (loadavg) "
           f"{os.getloadavg()[0]:.2f}, torch {torch.__version__}")
     print(f"threads={torch.get_num_threads()}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, bf16 が速い: {bf16_supported('cpu')}")
+          f"{torch.backends.cpu.get_cpu_capability()}, bf16 が速い: {bf16_supported(cpu)}")
 
-    results = {}
     ours = UNet()
-    seed = seed_model_like(n_params(ours))
-    width = seed.down_conv1.conv[0].out_channels
-    print(f"本書の UNet: {n_params(ours):,} パラメータ / seed 003 (幅 {width}): "
-          f"{n_params(seed):,} パラメータ")
-    opt = torch.optim.AdamW(seed.parameters(), 1e-3)
-    results["seed 003 (fp32)"] = train_throughput(seed_step(seed, x, opt), len(x), 1, args.iters)
-    configs = [("本書 fp32", False, False), ("本書 fp32 + channels_last", False, True)]
-    if bf16_supported("cpu"):
-        configs.append(("本書 bf16 + channels_last", True, True))
-    for name, bf16, cl in configs:
-        torch.manual_seed(0)
-        model = UNet()
-        xb = x
-        if cl:
-            model = model.to(memory_format=torch.channels_last)
-            xb = x.contiguous(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), 1e-3)
-        results[name] = train_throughput(ours_step(model, sched, xb, y, opt, bf16), len(x), 1,
-                                         args.iters)
-    base = results["seed 003 (fp32)"]
-    print("\n学習ステップの速さ (バッチ", args.batch_size, ")")
-    for name, v in results.items():
-        print(f"  {name:<28} {v:8.1f} img/s   seed 比 {v / base:5.2f} 倍")
-    best = max(v for k, v in results.items() if k.startswith("本書"))
-    print(f"→ 本書の最速設定は seed 003 の {best / base:.2f} 倍")
+    article = article_model_like(n_params(ours))
+    width = article.down_conv1.conv[0].out_channels
+    print(f"本書の UNet: {n_params(ours):,} パラメーター / {ARTICLE} (幅 {width}): "
+          f"{n_params(article):,} パラメーター")
+    f_ours = forward_flops(ours, x[:8], t[:8]) / 8
+    f_art = forward_flops(article, x[:8], t[:8] + 1) / 8
+    print(f"順伝播の計算量: 本書 {f_ours / 1e6:.0f} MFLOP/枚、{ARTICLE} {f_art / 1e6:.0f} MFLOP/枚 "
+          f"(比 {f_art / f_ours:.2f})")
 
-    if DEFAULT_CHECKPOINT.is_file():
-        from torchbook.diffusion.train import load_checkpoint
-        model, sched, _ = load_checkpoint(DEFAULT_CHECKPOINT)
-    else:
-        model = UNet().eval()
+    configs = [("fp32", False, False), ("fp32 + channels_last", False, True)]
+    if bf16_supported(cpu):
+        configs.append(("bf16 + channels_last", True, True))
+    speed = {}
+    for design in ("本書", ARTICLE):
+        for name, bf16, cl in configs:
+            torch.manual_seed(0)
+            model = UNet() if design == "本書" else article_model_like(n_params(ours))
+            xb = x
+            if cl:
+                model = model.to(memory_format=torch.channels_last)
+                xb = x.contiguous(memory_format=torch.channels_last)
+            step = (ours_step(model, sched, xb, y, bf16) if design == "本書"
+                    else article_step(model, xb, bf16))
+            speed[design, name] = len(x) / seconds_per_call(step, 1, args.iters)
+    print(f"\n学習ステップの速さ (バッチ {args.batch_size}、img/s)")
+    print(f"  {'形式':<22}{'本書':>10}{ARTICLE:>14}{'比':>8}")
+    for name, _, _ in configs:
+        a, b = speed["本書", name], speed[ARTICLE, name]
+        print(f"  {name:<22}{a:10.1f}{b:14.1f}{a / b:8.2f}")
+    best_ours = max(configs, key=lambda c: speed["本書", c[0]])[0]
+    best_art = max(configs, key=lambda c: speed[ARTICLE, c[0]])[0]
+    ratio = speed["本書", best_ours] / speed[ARTICLE, best_art]
+    print(f"→ 最速どうし: 本書 ({best_ours}) は {ARTICLE} ({best_art}) の {ratio:.2f} 倍")
+
+    # 時刻埋め込み (正弦波 + MLP) の時間と、fp32 の学習ステップ 1 回の時間
+    def ours_emb():
+        ours.time_mlp(timestep_embedding(t, ours.time_dim)).sum().backward()
+
+    def article_emb():
+        article_time_embedding(t + 1, article.time_dim)
+
+    step_ours = args.batch_size / speed["本書", "fp32"]
+    step_art = args.batch_size / speed[ARTICLE, "fp32"]
+    e_ours = seconds_per_call(ours_emb, 1, 5)
+    e_art = seconds_per_call(article_emb, 1, 3)
+    print(f"\n時刻埋め込みの時間 (バッチ {args.batch_size}、fp32 の学習ステップに占める割合)")
+    print(f"  本書 (ループなし、順伝播 + 逆伝播) {e_ours * 1e3:8.2f} ms "
+          f"({100 * e_ours / step_ours:.2f} %)")
+    print(f"  {ARTICLE} (Python ループ) {e_art * 1e3:8.2f} ms ({100 * e_art / step_art:.2f} %)")
+
+    model, sched, _ = load_checkpoint(DEFAULT_CHECKPOINT)
     n = args.sample_n
     yb = torch.arange(n) % 10
     t0 = time.perf_counter()
     sample(model, sched, n, y=yb, method="ddim", steps=50, eta=1.0)
     t_ddim = (time.perf_counter() - t0) / n
-    print(f"\n生成 ({n} 枚): DDIM 50 ステップ (η = 1) {t_ddim * 1000:.1f} ms/枚")
-    if not args.skip_ddpm:
-        t0 = time.perf_counter()
-        sample(model, sched, n, y=yb, method="ddpm")
-        t_ddpm = (time.perf_counter() - t0) / n
-        print(f"             DDPM 1000 ステップ         {t_ddpm * 1000:.1f} ms/枚 → DDIM は "
-              f"{t_ddpm / t_ddim:.1f} 倍速い")
+    t0 = time.perf_counter()
+    sample(model, sched, n, y=yb, method="ddpm")
+    t_ddpm = (time.perf_counter() - t0) / n
+    print(f"\n生成 ({n} 枚、fp32): DDIM 50 ステップ {t_ddim * 1000:.1f} ms/枚、"
+          f"DDPM 1000 ステップ {t_ddpm * 1000:.1f} ms/枚 (DDIM は {t_ddpm / t_ddim:.1f} 倍速い)")
 
-    info = DEFAULT_CHECKPOINT.with_suffix(".json")
-    if info.is_file():
-        ev = json.loads(info.read_text()).get("eval", {})
-        print("\n来歴 JSON の FID (evaluate CLI):")
-        runs = sorted((k for k in ev if "fid" in ev[k] and not k.startswith("floor")),
-                      key=lambda k: (ev[k]["n"], ev[k]["method"], ev[k]["guidance_scale"] != 1,
-                                     ev[k]["guidance_scale"], ev[k].get("steps", 0),
-                                     ev[k].get("eta", 0)))
-        for key in runs:
-            r = ev[key]
-            floor = ev.get(f"floor@{r['n']}", {}).get("fid", math.nan)
-            print(f"  {key:<20} FID {r['fid']:6.2f}  下限 {floor:5.2f}  比 {r['fid'] / floor:5.2f}")
-        ddim, ddpm = ev.get("ddim:50:1@1000"), ev.get("ddpm@1000")
-        if ddim and ddpm:
-            print(f"→ DDIM 50 (η = 1) の FID は DDPM 1000 の {ddim['fid'] / ddpm['fid']:.3f} 倍、"
-                  f"1 枚の時間は 1/{ddpm['seconds_per_image'] / ddim['seconds_per_image']:.1f}"
-                  " (評価時の計測)")
+    info = json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())
+    sel, ev = info.get("selection"), info.get("eval", {})
+    if sel:
+        n = sel["n"]
+        ref = ev.get(f"val/reference@{n}", {})
+        print(f"\n来歴 JSON: val ({n} 枚) でのサンプラーの選択 "
+              f"(本物どうしの FID {ref.get('fid_min', float('nan')):.2f}〜"
+              f"{ref.get('fid_max', float('nan')):.2f})")
+        for task, fid in sel["candidates"].items():
+            mark = " ← 選択" if task == sel["chosen"] else ""
+            print(f"  {task:<16} val FID {fid:5.2f}{mark}")
+        test, test_ref = ev.get(f"test/{sel['chosen']}@{n}"), ev.get(f"test/reference@{n}")
+        if test and test_ref:
+            print(f"→ test ({n} 枚、1 回だけ): {sel['chosen']} の FID {test['fid']:.2f}、"
+                  f"本物どうし {test_ref['fid_min']:.2f}〜{test_ref['fid_max']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,138 @@
-"""diffusion/ の CLI のテスト: フォルダー単独のコピーで動くこと、評価 JSON の並行書き込み。"""
+"""diffusion/ の層と CLI: CLI は CLI を import しない、悪い入力は作業の前に 1 行で止まる、
+コピーしたフォルダーだけで動く、同梱のファイルを黙って書き換えない。"""
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import json
+import multiprocessing as mp
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import torchbook.diffusion as pkg
+import pytest
+import torch
+from diffusion_fixtures import SRC, WEIGHTS, fashion_root, run_module
 
-SRC = Path(pkg.__file__).resolve().parent
+from torchbook.diffusion import classifier, evaluate, options, sample, train
+
+LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options"}
+CLIS = {"train", "sample", "evaluate", "classifier"}
 
 
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+def local_imports(path: Path) -> set[str]:
+    """``from .x import ...``・``from . import x`` で import する同じパッケージのモジュール。"""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                names.add(node.module.split(".")[0])
+            else:
+                names |= {a.name for a in node.names}
+    return names
+
+
+def test_every_module_is_either_library_or_cli():
+    assert {p.stem for p in SRC.glob("*.py")} - {"__init__"} == LIBRARY | CLIS
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY | CLIS))
+def test_layers_no_cli_imports_a_cli_and_library_never_imports_a_cli(name):
+    imports = local_imports(SRC / f"{name}.py")
+    assert not imports & CLIS, f"{name}.py が CLI {sorted(imports & CLIS)} を import しています"
+
+
+def test_bf16_and_channels_last_are_decided_in_one_place():
+    """bf16_supported / channels_last の既定を決めるコードは device.py だけにある。"""
+    for path in SRC.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if path.name != "device.py":
+            assert "_is_mkldnn_bf16_supported" not in text, path.name
+            assert "def uses_channels_last" not in text and "def bf16_supported" not in text
+
+
+def test_device_get_device_is_used_everywhere():
+    for path in SRC.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "def default_device" not in text and "def pick_device" not in text, path.name
+        assert "cuda.is_available()" not in text or path.name == "device.py", path.name
+
+
+# ---------------------------------------------------------------- 悪い入力
+
+
+BAD_TRAIN = [["--steps", "0"], ["--batch-size", "0"], ["--lr", "-1"], ["--lr", "inf"],
+             ["--lr", "nan"], ["--channels", "abc"], ["--channels", "30,60"],
+             ["--patch-size", "3"], ["--T", "0"], ["--threads", "-1"], ["--device", "foo"],
+             ["--export", "model"], ["--ema-decay", "1.5"]]
+
+
+@pytest.mark.parametrize("bad", BAD_TRAIN, ids=" ".join)
+def test_train_rejects_bad_input_with_one_line(bad, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--out", str(tmp_path / "run"), *bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("usage") is False
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("name", ["cuda", "mps"])
+def test_unavailable_device_is_refused_before_work(name, capsys):
+    available = torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()
+    if available:
+        pytest.skip(f"{name} が使える計算機です")
+    for cli in (train, sample, evaluate):
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(["--device", name])
+        assert e.value.code == 2 and "使えません" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["-n", "0"], ["--steps", "0"], ["--eta", "-1"],
+                                  ["--class", "10"], ["--out", "samples"],
+                                  ["--checkpoint", "missing.pt"]], ids=" ".join)
+def test_sample_rejects_bad_input(args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(["--out", str(tmp_path / "a.png"), *args])
+    assert e.value.code == 2 and capsys.readouterr().err
+
+
+def test_output_paths_are_checked_at_start(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for cli, args in [(train, ["--out", str(blocker)]),
+                      (train, ["--out", str(tmp_path / "r"), "--export", str(blocker / "m.pt")]),
+                      (sample, ["--out", str(blocker / "a.png")]),
+                      (evaluate, ["--out", str(tmp_path / "eval.txt")]),
+                      (classifier, ["--save", str(tmp_path / "clf")])]:
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(args)
+        assert e.value.code == 2, (cli.__name__, args)
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    real_access = os.access
+    if real_access(readonly, os.W_OK):  # root は権限に関係なく書けるので、権限の答えを真似る
+        def access(path, mode, *args, **kwargs):
+            if Path(path) == readonly and mode & os.W_OK:
+                return False
+            return real_access(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(options.os, "access", access)
+    try:
+        with pytest.raises(SystemExit) as e:
+            sample.parse_args(["--out", str(readonly / "a.png")])
+        assert e.value.code == 2 and "書き込めない" in capsys.readouterr().err
+    finally:
+        readonly.chmod(0o700)
+
+
+def test_missing_parent_folders_are_created(tmp_path):
+    args = sample.parse_args(["--dry-run", "--out", str(tmp_path / "new" / "deep" / "a.png")])
+    assert (tmp_path / "new" / "deep").is_dir() and args.out.endswith("a.png")
+
+
+# ---------------------------------------------------------------- コピーしたフォルダー
 
 
 def test_copied_folder_runs_alone(tmp_path):
@@ -27,28 +142,92 @@ def test_copied_folder_runs_alone(tmp_path):
     for name in dst.glob("*.py"):
         for line in name.read_text(encoding="utf-8").splitlines():
             assert not line.lstrip().startswith(("import torchbook", "from torchbook")), name
-    r = run(["-m", "diffusion.train", "--help"], tmp_path)
-    assert r.returncode == 0 and "--max-minutes" in r.stdout, r.stderr
-    r = run(["-m", "diffusion.train", "--dry-run", "--threads", "1", "--batch-size", "8"],
-            tmp_path)
+            assert "booktools" not in line, name
+    env = {"cwd": tmp_path, "pythonpath": ""}
+    r = run_module("diffusion.train", "--help", **env)
+    assert r.returncode == 0 and "--download" in r.stdout, r.stderr
+    r = run_module("diffusion.train", "--dry-run", "--threads", "1", "--batch-size", "8", **env)
     assert r.returncode == 0 and "完了" in r.stdout, r.stderr
-    r = run(["-m", "diffusion.sample", "--dry-run", "--out", "g.png"], tmp_path)
+    assert not (tmp_path / "runs").exists()  # dry run は何も書かない
+    r = run_module("diffusion.sample", "--dry-run", "--out", "g.png", **env)
     assert r.returncode == 0 and (tmp_path / "g.png").stat().st_size > 0, r.stderr
-    r = run(["-m", "diffusion.sample", "--checkpoint", "missing.pt"], tmp_path)
-    assert r.returncode != 0
+    r = run_module("diffusion.train", "--data-root", "nothing", "--steps", "1", **env)
+    assert r.returncode == 1 and "--download" in r.stderr and "Traceback" not in r.stderr
+    assert "python -m" not in r.stderr.splitlines()[-1] and "booktools" not in r.stderr
+    r = run_module("diffusion.sample", "--checkpoint", "missing.pt", **env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_sample_dry_run_builds_its_model_on_the_chosen_device(monkeypatch, tmp_path):
+    """--dry-run の UNet も --device の装置へ移す (以前は CPU のままで、CUDA 機で失敗した)。"""
+    moved = []
+
+    class SpyUNet(sample.UNet):
+        def to(self, *args, **kwargs):
+            moved.extend(a for a in args if isinstance(a, torch.device))
+            return super().to(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "UNet", SpyUNet)
+    seen = {}
+    real = sample.sample
+
+    def spy(model, *args, **kwargs):
+        seen["model"] = next(model.parameters()).device
+        seen["device"] = torch.device(kwargs["device"])
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "sample", spy)
+    sample.main(["--dry-run", "--device", "cpu", "--out", str(tmp_path / "g.png")])
+    assert moved == [torch.device("cpu")]
+    assert seen["model"].type == seen["device"].type == "cpu"
+
+
+def test_provenance_records_the_module_as_run(tmp_path):
+    dst = tmp_path / "mydiff"
+    shutil.copytree(SRC, dst, ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    r = run_module("mydiff.train", "--data-root", str(fashion_root()), "--out", "run",
+                   "--steps", "1", "--limit", "16", "--batch-size", "4", "--channels", "16,32",
+                   "--export", "m.pt", "--threads", "1", cwd=tmp_path, pythonpath="")
+    assert r.returncode == 0, r.stderr
+    info = json.loads((tmp_path / "m.json").read_text())["train"]
+    assert info["command"].startswith("python -m mydiff.train --data-root")
+
+
+# ---------------------------------------------------------------- 同梱のファイルを守る
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_evaluate_writes_no_shipped_file_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = evaluate.parse_args(["--tasks", "reference"])
+    assert Path(args.out).resolve() == (tmp_path / "runs" / "ddpm_eval.json").resolve()
+    assert WEIGHTS not in Path(args.out).resolve().parents
+
+
+def test_classifier_dry_run_never_touches_shipped_weights(tmp_path):
+    before = {p.name: _digest(p) for p in WEIGHTS.iterdir() if p.is_file()}
+    info = classifier.main(["--data-root", str(fashion_root()), "--dry-run", "--batch-size",
+                            "64", "--save", str(WEIGHTS / "fashion_classifier.pt")])
+    assert info["dry_run"]
+    assert {p.name: _digest(p) for p in WEIGHTS.iterdir() if p.is_file()} == before
+
+
+def test_classifier_default_save_is_not_the_shipped_file():
+    assert Path(classifier.parse_args([]).save).resolve().parent != WEIGHTS
+
+
+# ---------------------------------------------------------------- evaluate
 
 
 def _write_keys(path: str, prefix: str, n: int) -> None:
-    from torchbook.diffusion.evaluate import update_json
-
     for i in range(n):
-        update_json(Path(path), f"{prefix}{i}", {"fid": float(i)})
+        evaluate.add_entry(Path(path), f"{prefix}{i}", {"fid": float(i)})
 
 
 def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
-    import json
-    import multiprocessing as mp
-
     path = tmp_path / "ddpm.json"
     path.write_text(json.dumps({"train": {"step": 7}}))
     ctx = mp.get_context("spawn")
@@ -63,19 +242,35 @@ def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
     assert sorted(data["eval"]) == sorted(f"{p}{i}" for p in "ab" for i in range(30))
 
 
-def test_evaluate_tasks_parse_eta_and_reject_typos(capsys):
-    import pytest
-
-    from torchbook.diffusion.evaluate import parse_args, parse_task
-
-    assert parse_task("floor") == {}
-    assert parse_task("ddim:20")["steps"] == 20 and parse_task("ddim:20")["eta"] == 0.0
-    assert parse_task("ddim:50:1")["eta"] == 1.0
-    g = parse_task("guidance:2.5:0.5")
-    assert (g["guidance_scale"], g["steps"], g["eta"]) == (2.5, 50, 0.5)
-    assert parse_task("ddpm")["method"] == "ddpm"
-    # 綴りの誤りはモデルを読み込む前に、使えるタスクを示して止まる
-    for bad in ["ddim", "ddim:x", "ddpm:3", "guidance:1:2:3", "fid"]:
+def test_evaluate_tasks_parse_and_reject_typos(capsys, tmp_path):
+    out = ["--out", str(tmp_path / "e.json")]
+    assert evaluate.parse_task("reference") == {"task": "reference"}
+    d = evaluate.parse_task("ddim:20")
+    assert (d["steps"], d["eta"], d["guidance_scale"], d["task"]) == (20, 1.0, 1.0, "ddim:20:1:1")
+    assert evaluate.parse_task("ddim:50:0:2.5")["task"] == "ddim:50:0:2.5"
+    assert evaluate.parse_task("ddpm")["method"] == "ddpm"
+    for bad in ["ddim", "ddim:x", "ddpm:3:1", "ddim:1:2:3:4", "floor", "ddim:0"]:
         with pytest.raises(SystemExit):
-            parse_args(["--tasks", "floor", bad])
-        assert "ddim:<steps>[:<eta>]" in capsys.readouterr().err
+            evaluate.parse_args([*out, "--tasks", "reference", bad])
+        assert "ddim:<steps>[:<eta>[:<s>]]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # test では選んだもの以外を測れない
+        evaluate.parse_args([*out, "--split", "test", "--tasks", "ddim:50"])
+    assert "chosen" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 選ぶ前に chosen は使えない
+        evaluate.parse_args([*out, "--split", "test", "--tasks", "chosen"])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([*out, "--n", "25"])
+
+
+def test_choose_picks_the_lowest_val_fid_only(tmp_path):
+    path = tmp_path / "e.json"
+    rows = [("a", "val", "ddim:10:1:1", 3.0), ("b", "val", "ddim:50:1:1", 2.0),
+            ("c", "test", "ddim:20:1:1", 0.5), ("d", "val", "reference", 0.9)]
+    for key, split, task, fid in rows:
+        evaluate.add_entry(path, key, {"split": split, "task": task, "fid": fid, "n": 100})
+    sel = evaluate.choose(path, 100, "cmd")
+    assert sel["chosen"] == "ddim:50:1:1" and set(sel["candidates"]) == {"ddim:10:1:1",
+                                                                         "ddim:50:1:1"}
+    args = evaluate.parse_args(["--out", str(path), "--n", "100", "--split", "test",
+                                "--tasks", "reference", "chosen"])
+    assert [k["task"] for k in args.parsed] == ["reference", "ddim:50:1:1"]

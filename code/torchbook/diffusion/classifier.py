@@ -8,19 +8,20 @@ FID や KID は「画像をある特徴空間に写し、本物と生成物の�
 この分類器は拡散モデルではないので BatchNorm を使っても問題ありません
 (評価時は ``eval()`` で学習時の統計量に固定されます)。
 
-学習::
+学習 (同梱の重みを作り直すときは --save に weights/fashion_classifier.pt を明示します)::
 
     python -m torchbook.diffusion.classifier --data-root data --epochs 10 --threads 1 \\
-        --save code/torchbook/diffusion/weights/fashion_classifier.pt
+        --save runs/fashion_classifier.pt
+
+モデル (``FashionClassifier``) は ``metrics``、読み込み (``load_classifier``) は
+``checkpoint`` にあり、ここには学習の CLI だけがあります。
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,84 +31,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import load_tensors
-from .train import git_commit  # 来歴 JSON に書くコミット (学習 CLI と同じ関数)
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "fashion_classifier.pt"
-FEATURE_DIM = 128
-TRAIN_COMMAND = (
-    "python -m torchbook.diffusion.classifier --data-root DATA_DIR "
-    f"--save {DEFAULT_WEIGHTS}"
+from . import options
+from .checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    command_line,
+    git_commit,
+    load_classifier,
 )
+from .data import load_tensors
+from .device import get_device
+from .metrics import FEATURE_DIM, SPLITS, FashionClassifier, real_reference
 
-
-def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    """3×3 畳み込み → BatchNorm → ReLU → 2×2 最大プーリング (縦横が半分になります)。"""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-    )
-
-
-class FashionClassifier(nn.Module):
-    """(N, 1, 32, 32)・[-1, 1] の画像を 10 クラスに分ける小さな CNN (約 25 万パラメータ)。
-
-    最初の畳み込みはストライド 2 で 32×32 → 16×16 に縮めます (CPU では大きな特徴マップの
-    読み書きが一番遅いため)。続けて 8×8 → 4×4 と縮め、全結合層で 128 次元の特徴にしてから
-    10 クラスのロジットを出します。``features`` がその 128 次元を返します。
-    """
-
-    def __init__(self, feature_dim: int = FEATURE_DIM, dropout: float = 0.3) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 24, 4, stride=2, padding=1, bias=False),  # (N, 24, 16, 16)
-            nn.BatchNorm2d(24),
-            nn.ReLU(inplace=True),
-            conv_block(24, 48),  # (N, 48, 8, 8)
-            conv_block(48, 96),  # (N, 96, 4, 4)
-            nn.Flatten(),  # (N, 1536)
-            nn.Linear(96 * 4 * 4, feature_dim, bias=False),
-            nn.BatchNorm1d(feature_dim),
-            nn.ReLU(inplace=True),  # ここまでが特徴 (N, feature_dim)
-        )
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(feature_dim, 10)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """最後から 2 番目の層の特徴 (N, feature_dim) を返します。FID/KID はこれを使います。"""
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ロジット (N, 10) を返します。"""
-        return self.head(self.dropout(self.features(x)))
-
-
-def load_classifier(
-    path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
-) -> FashionClassifier:
-    """学習済みの分類器を読み込み、評価モード (eval) で返します。
-
-    ``path`` を省くと、このファイルの隣の ``weights/fashion_classifier.pt`` を読みます。
-    """
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"分類器の重み {path} がありません。次のコマンドで学習して保存してください:\n"
-            f"  {TRAIN_COMMAND}"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = FashionClassifier()
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise ValueError(
-            f"{path} は FashionClassifier の重みではありません (構造が違います)。"
-            f"このモジュールの学習コマンドで作り直してください:\n  {TRAIN_COMMAND}"
-        ) from e
-    return model.to(device).eval()
+DEFAULT_SAVE = Path("runs") / "fashion_classifier.pt"
 
 
 # ---------------------------------------------------------------- 学習
@@ -133,7 +69,8 @@ def augment(x: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 1000, device: str = "cpu"
+    model: nn.Module, images: torch.Tensor, batch_size: int = 1000,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """画像全体のクラス予測 (N,) をバッチに分けて計算します。"""
     model.eval()
@@ -145,7 +82,8 @@ def predict(
 
 
 def accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str = "cpu"
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+    device: str | torch.device = "cpu",
 ) -> float:
     """正解率 (0〜1) を返します。"""
     return (predict(model, images, device=device) == labels).float().mean().item()
@@ -165,13 +103,14 @@ def train_epoch(
     perm = torch.randperm(len(x))
     total, count = 0.0, 0
     batches = range(0, len(x), args.batch_size)
-    for i in tqdm(batches, desc=f"epoch {epoch}", leave=False):
+    for i in tqdm(batches, desc=f"epoch {epoch}", leave=False,
+                  disable=not sys.stderr.isatty()):
         idx = perm[i : i + args.batch_size]
         xb = augment(x[idx], args.max_shift).to(args.device)
         yb = y[idx].to(args.device)
         if args.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16,
+        with torch.autocast(device_type=args.device.type, dtype=torch.bfloat16,
                             enabled=args.bf16):
             loss = F.cross_entropy(model(xb), yb, label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -185,41 +124,43 @@ def train_epoch(
     return total / count
 
 
-def pick_device(name: str) -> str:
-    """--device の指定を確かめて返します。使えない装置ならわかるように止めます。"""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda が指定されましたが CUDA が使えません。")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("--device mps が指定されましたが MPS が使えません。")
-    return name
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="FID/KID 用の Fashion-MNIST 分類器を学習します")
-    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダ")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3, help="OneCycle の最大学習率")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--max-shift", type=int, default=2, help="平行移動の最大画素数")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
+    p.add_argument("--download", action="store_true",
+                   help="Fashion-MNIST が無ければ torchvision でダウンロードする")
+    p.add_argument("--epochs", type=options.positive_int, default=10)
+    p.add_argument("--batch-size", type=options.positive_int, default=256)
+    p.add_argument("--lr", type=options.positive_float, default=3e-3, help="OneCycle の最大学習率")
+    p.add_argument("--weight-decay", type=options.nonneg_float, default=5e-4)
+    p.add_argument("--max-shift", type=int, choices=range(0, 9), default=2,
+                   help="平行移動の最大画素数 (0〜8)")
+    p.add_argument("--label-smoothing", type=options.probability, default=0.0)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU のスレッド数")
+    p.add_argument("--device", type=options.device, default=get_device("cpu"),
+                   help="cpu, cuda, mps など (既定: cpu)")
+    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
     p.add_argument("--bf16", action="store_true", help="bfloat16 の autocast を使う")
     p.add_argument("--channels-last", action="store_true", help="channels_last 形式で計算する")
-    p.add_argument("--save", default=str(DEFAULT_WEIGHTS), help="state_dict の保存先 (.pt)")
-    p.add_argument("--floor", type=int, nargs="*", default=[1000, 5000],
-                   help="実画像どうしの FID/KID (下限) を測る枚数 (テスト画像から)")
+    p.add_argument("--save", default=str(DEFAULT_SAVE),
+                   help=f"state_dict の保存先 (.pt、来歴は隣の .json。既定: {DEFAULT_SAVE})")
+    p.add_argument("--reference", type=options.positive_int, nargs="*", default=[1000],
+                   help="本物どうしの FID/KID (参照レベル) を val と test で測る枚数")
     p.add_argument("--evaluate-only", action="store_true",
-                   help="学習せず、--save の重みの正解率と下限を測り直して JSON を更新する")
-    p.add_argument("--dry-run", action="store_true", help="1 バッチだけ学習して保存する")
+                   help="学習せず、--save の重みの正解率と参照レベルを測り直して JSON を更新する")
+    p.add_argument("--dry-run", action="store_true",
+                   help="1 バッチだけ学習し、何も保存しない (動作の確認用)")
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1:
-        p.error("--epochs と --batch-size は 1 以上にしてください")
-    if any(n < 2 or 2 * n > 10_000 for n in args.floor):
-        p.error("--floor の枚数は 2〜5000 にしてください (テスト画像 10,000 枚を 2 つに分けます)")
-    args.device = pick_device(args.device)
+    if any(n % 10 or not 20 <= n <= 2500 for n in args.reference):
+        p.error("--reference の枚数は 10 の倍数で 20〜2500 にしてください "
+                "(テスト画像を val と test に半分ずつ分け、それぞれから 2 組取ります)")
+    if args.evaluate_only:
+        if not Path(args.save).is_file():
+            p.error(f"--evaluate-only: {args.save} がありません (--save で重みを指定してください)")
+        if not Path(args.save).with_suffix(".json").is_file():
+            p.error(f"--evaluate-only: 来歴 {Path(args.save).with_suffix('.json')} がありません")
+    if not args.dry_run:
+        options.check_output(p, args.save, "--save", (".pt",))
     return args
 
 
@@ -243,26 +184,27 @@ def train(args: argparse.Namespace, x_train: torch.Tensor, y_train: torch.Tensor
 
 
 def evaluate(
-    model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, floor_sizes: list[int],
-    device: str,
+    model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, reference_sizes: list[int],
+    device: torch.device,
 ) -> dict:
-    """テスト正解率と、実画像どうしの FID/KID (下限) を測ります。"""
-    from .metrics import real_floor  # 学習には要らないので、ここで import します
-
+    """テスト正解率と、本物どうしの FID/KID (参照レベル) を val と test の両方で測ります。"""
     test_acc = accuracy(model, x_test, y_test, device=device)
     tqdm.write(f"テスト正解率: {test_acc:.4f} ({len(x_test)} 枚)")
-    floors = {}
-    for n in floor_sizes:
-        floors[str(n)] = real_floor(model, x_test, n, device=device)
-        tqdm.write(f"実画像どうしの下限 (N={n}): {floors[str(n)]}")
+    refs = {}
+    for n in reference_sizes:
+        for split in SPLITS:
+            refs[f"{split}@{n}"] = real_reference(model, x_test, y_test, split, n, device=device)
+            tqdm.write(f"本物どうしの FID ({split}, N={n}): {refs[f'{split}@{n}']['fid']:.3f}")
     return {
         "test_images": len(x_test),
         "test_accuracy": round(test_acc, 4),
-        "real_floor": floors,
-        "real_floor_note": (
-            "N 枚の実画像どうしの FID/KID。参照集合 = テスト画像の先頭 N 枚 (test[:N])、"
-            "比べる集合 = 重ならない次の N 枚 (test[N:2N])。KID は部分集合の大きさ "
-            "min(1000, N/2)、100 回の平均と標準偏差。"
+        "real_reference": refs,
+        "real_reference_note": (
+            "N 枚の本物どうしの FID/KID (参照レベル、下限ではない)。"
+            "テスト画像をクラスごとに半分ずつ val と test に分け (metrics.split_matrix)、"
+            "それぞれを重ならない N 枚の組に分けて、"
+            "組 0 (生成画像と比べる参照集合) と組 1 の値が fid・kid、組 0 とほかの各組の FID が "
+            "fid_blocks。KID は部分集合の大きさ min(1000, N/2)、100 回の平均と標準偏差。"
         ),
     }
 
@@ -273,36 +215,41 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    command = " ".join(["python -m torchbook.diffusion.classifier"]
-                       + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+    command = command_line(__spec__.name if __spec__ else __name__, argv)
     commit = git_commit()  # 学習を始めた時点のコード
     save = Path(args.save)
-    x_test, y_test = load_tensors(args.data_root, train=False)
+    try:
+        x_test, y_test = load_tensors(args.data_root, train=False, download=args.download)
+    except (OSError, ValueError) as e:  # データが無い・壊れている: 直し方を 1 行で
+        raise SystemExit(str(e)) from None
 
     if args.evaluate_only:  # 保存済みの重みを測り直し、JSON の測定値だけを更新します
         model = load_classifier(save, args.device)
         info = json.loads(save.with_suffix(".json").read_text("utf-8"))
-        info.update(evaluate(model, x_test, y_test, args.floor, args.device))
+        for old in ("real_floor", "real_floor_note"):  # 古い名前 (参照レベルを「下限」と呼んでいた)
+            info.pop(old, None)
+        info.update(evaluate(model, x_test, y_test, args.reference, args.device))
         info["evaluation"] = {"command": command, "git_commit": commit,
                               "torch_version": torch.__version__}
     else:
-        x_train, y_train = load_tensors(args.data_root, train=True)
+        x_train, y_train = load_tensors(args.data_root, train=True, download=args.download)
         model, history = train(args, x_train, y_train)
         train_seconds = time.perf_counter() - start
-        save.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, save)
         if args.dry_run:
-            x_test, y_test, args.floor = x_test[:1000], y_test[:1000], []
+            acc = accuracy(model, x_test[:1000], y_test[:1000], device=args.device)
+            print(f"dry run: 1 バッチだけ学習しました (テスト 1,000 枚の正解率 {acc:.3f})。"
+                  "何も保存していません")
+            return {"dry_run": True, "train_loss": history, "accuracy_1000": acc}
+        atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, save)
         info = {
             "command": command,
             "git_commit": commit,
             "epochs": len(history),
-            "dry_run": args.dry_run,
             "batch_size": args.batch_size,
             "lr": args.lr,
             "max_shift": args.max_shift,
             "seed": args.seed,
-            "device": args.device,
+            "device": str(args.device),
             "threads": torch.get_num_threads(),
             "bf16": args.bf16,
             "channels_last": args.channels_last,
@@ -313,10 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
             "feature_dim": FEATURE_DIM,
             "parameters": sum(p.numel() for p in model.parameters()),
         }
-        info.update(evaluate(model, x_test, y_test, args.floor, args.device))
-    save.with_suffix(".json").write_text(
-        json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
+        info.update(evaluate(model, x_test, y_test, args.reference, args.device))
+    atomic_write_text(save.with_suffix(".json"),
+                      json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     return info
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torchvision import datasets, transforms
@@ -24,23 +25,54 @@ TRANSFORM = transforms.Compose([
 ])
 
 
+NUM_CLASSES = len(CLASSES)
+
+
 def fashion_mnist(root: str | os.PathLike, train: bool = True, download: bool = False):
-    """Fashion-MNIST を (1, 32, 32)・[-1, 1] の画像として返すデータセットを作ります。"""
+    """Fashion-MNIST を (1, 32, 32)・[-1, 1] の画像として返すデータセットを作ります。
+
+    download=True なら、root に無いときに torchvision がダウンロードします (約 30 MB)。
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            f"データのフォルダー {root} がファイルです。フォルダーを指定してください")
     try:
-        return datasets.FashionMNIST(str(root), train=train, download=download, transform=TRANSFORM)
+        ds = datasets.FashionMNIST(str(root), train=train, download=download, transform=TRANSFORM)
     except RuntimeError as e:
+        if "not found" not in str(e).lower():
+            raise ValueError(f"{root / 'FashionMNIST'} のファイルが壊れています ({e})。"
+                             "そのフォルダーを消してから --download を付けて取り直してください"
+                             ) from e
         raise FileNotFoundError(
-            f"{root} に Fashion-MNIST がありません。--download を付けてダウンロードするか、"
-            "本書のリポジトリでは `python -m booktools.data fashion-mnist` で用意してください。"
-        ) from e
+            f"{root / 'FashionMNIST' / 'raw'} に Fashion-MNIST がありません。"
+            "--download を付けて実行すると torchvision がダウンロードします (約 30 MB)。"
+            "別の場所にあるなら --data-root でそのフォルダーを指定してください") from e
+    except (EOFError, OSError, ValueError) as e:  # 途中で切れたファイルなど
+        raise ValueError(f"{root / 'FashionMNIST'} のファイルが壊れています ({e})。"
+                         "そのフォルダーを消してから --download を付けて取り直してください"
+                         ) from e
+    check_labels(ds.targets, root)
+    return ds
 
 
-def load_tensors(root: str | os.PathLike, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def check_labels(labels: torch.Tensor, root: str | os.PathLike) -> None:
+    """ラベルが 0〜9 の範囲にあるかを確かめます (範囲外ならデータが壊れています)。"""
+    bad = (labels < 0) | (labels >= NUM_CLASSES)
+    if bad.any():
+        raise ValueError(
+            f"{root} の Fashion-MNIST のラベルに範囲外の値 ({labels[bad][0].item()} など "
+            f"{int(bad.sum())} 個) があります。データが壊れています: FashionMNIST フォルダーを"
+            "消してから --download を付けて取り直してください")
+
+
+def load_tensors(root: str | os.PathLike, train: bool = True,
+                 download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """データセット全体を (N, 1, 32, 32) の float テンソルとラベルにまとめて返します。
 
     DataLoader を通すより速いため、CPU での学習と評価に使います。
     """
-    ds = fashion_mnist(root, train=train)
+    ds = fashion_mnist(root, train=train, download=download)
     x = ds.data.unsqueeze(1).float().div(255)  # (N, 1, 28, 28), [0, 1]
     x = torch.nn.functional.pad(x, (2, 2, 2, 2)) * 2 - 1  # TRANSFORM と同じ結果
     return x, ds.targets.clone()

@@ -9,13 +9,65 @@
   枚数が少なくても偏りがなく、平均と標準偏差を添えて報告できます。
 
 FID は枚数が少ないと大きめに出る (偏りがある) ため、生成画像の FID は必ず
-「同じ枚数の本物どうしの FID (下限)」と並べて示します (``real_floor``)。
+「同じ枚数の本物どうしの FID (参照レベル)」とそのばらつきと並べて示します
+(``real_reference``)。参照に使う本物の画像は、テスト画像をクラスごとに半分ずつ分けた
+``val`` (選ぶため) と ``test`` (選んだものを 1 回だけ報告するため) のどちらかです。
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+# ---------------------------------------------------------------- 特徴を作る分類器
+
+FEATURE_DIM = 128
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """3×3 畳み込み → BatchNorm → ReLU → 2×2 最大プーリング (縦横が半分になります)。"""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class FashionClassifier(nn.Module):
+    """(N, 1, 32, 32)・[-1, 1] の画像を 10 クラスに分ける小さな CNN (約 25 万パラメータ)。
+
+    最初の畳み込みはストライド 2 で 32×32 → 16×16 に縮めます (CPU では大きな特徴マップの
+    読み書きが一番遅いため)。続けて 8×8 → 4×4 と縮め、全結合層で 128 次元の特徴にしてから
+    10 クラスのロジットを出します。``features`` がその 128 次元を返します。
+    """
+
+    def __init__(self, feature_dim: int = FEATURE_DIM, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 24, 4, stride=2, padding=1, bias=False),  # (N, 24, 16, 16)
+            nn.BatchNorm2d(24),
+            nn.ReLU(inplace=True),
+            conv_block(24, 48),  # (N, 48, 8, 8)
+            conv_block(48, 96),  # (N, 96, 4, 4)
+            nn.Flatten(),  # (N, 1536)
+            nn.Linear(96 * 4 * 4, feature_dim, bias=False),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(inplace=True),  # ここまでが特徴 (N, feature_dim)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(feature_dim, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """最後から 2 番目の層の特徴 (N, feature_dim) を返します。FID/KID はこれを使います。"""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ロジット (N, 10) を返します。"""
+        return self.head(self.dropout(self.features(x)))
+
+
+# ---------------------------------------------------------------- FID と KID
 
 
 @torch.no_grad()
@@ -132,33 +184,76 @@ def fid_kid(feats_a: torch.Tensor, feats_b: torch.Tensor, seed: int = 0) -> dict
             "n_a": len(feats_a), "n_b": len(feats_b)}
 
 
-def real_split(images: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """実画像を「参照集合」と「下限用の集合」に分けます。
+SPLIT_SEED = 0  # val/test の分け方を決めるシード (変えると別の分割になります)
+SPLITS = ("val", "test")
 
-    参照集合 = 先頭の n 枚 (images[:n])、下限用 = 重ならない次の n 枚 (images[n:2n])。
-    本書ではテスト画像 (10,000 枚、分類器の学習に使っていない) を渡すので n は 5,000 までです。
-    生成画像はいつも参照集合 images[:n] と比べます。
+
+def split_matrix(labels: torch.Tensor, split: str, seed: int = SPLIT_SEED,
+                 num_classes: int = 10) -> torch.Tensor:
+    """テスト画像をクラスごとに半分ずつ ``val`` と ``test`` に分け、split 側の添字を返します。
+
+    返すのは (num_classes, 1 クラスの枚数) の行列で、行 c がクラス c の画像の添字
+    (シードで決まる順) です。Fashion-MNIST のテスト画像 10,000 枚なら (10, 500) です。
+    サンプラーの選択 (η・ステップ数・guidance) は val で、選んだものの報告は test で行います。
     """
-    if 2 * n > len(images):
-        raise ValueError(f"{len(images)} 枚からは重ならない {n} 枚の組を 2 つ取れません")
-    return images[:n], images[n : 2 * n]
+    if split not in SPLITS:
+        raise ValueError(f"split は {' か '.join(SPLITS)} です (受け取ったのは {split!r})")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        half = len(idx) // 2
+        rows.append(idx[:half] if split == "val" else idx[half : 2 * half])
+    per_class = min(len(r) for r in rows)
+    return torch.stack([r[:per_class] for r in rows])
 
 
-def real_floor(
+def balanced_blocks(labels: torch.Tensor, split: str, n: int,
+                    seed: int = SPLIT_SEED) -> list[torch.Tensor]:
+    """split を、重ならない・クラスの枚数がそろった n 枚ずつの組 (添字) に分けます。
+
+    組 0 が生成画像と比べる参照集合、組 1, 2, ... が本物どうしの比較に使う集合です。
+    """
+    mat = split_matrix(labels, split, seed)
+    k = mat.shape[0]
+    if n < 2 * k or n % k:
+        raise ValueError(
+            f"n はクラス数 {k} の倍数で {2 * k} 以上にしてください (受け取ったのは {n})")
+    per = n // k
+    count = mat.shape[1] // per
+    if count < 2:
+        raise ValueError(f"{split} ({mat.numel()} 枚) からは重ならない {n} 枚の組を 2 つ取れません"
+                         f" (n は {k * (mat.shape[1] // 2)} 以下にしてください)")
+    return [mat[:, b * per : (b + 1) * per].T.flatten() for b in range(count)]
+
+
+def real_reference(
     model: nn.Module,
     images: torch.Tensor,
+    labels: torch.Tensor,
+    split: str,
     n: int,
     batch_size: int = 500,
     device: str | torch.device | None = None,
     seed: int = 0,
-) -> dict[str, float]:
-    """同じ枚数 n の本物どうしの FID/KID (生成画像の値と並べて示す下限) を返します。
+) -> dict:
+    """本物どうしの FID/KID (同じ枚数 n での「参照レベル」) とそのばらつきを返します。
 
-    ``real_split`` と同じく images[:n] と images[n:2n] を比べるので、毎回同じ値になります。
-    生成画像がどれほど良くても、同じ枚数ではこの値より大きく下回ることはありません。
+    参照集合 (組 0) と、重ならないほかの組 1, 2, ... との FID をそれぞれ測ります。
+    ``fid``・``kid_*`` は組 1 との値、``fid_blocks`` はすべての組との値です。
+    生成画像の FID がこの範囲に入っていれば、この枚数では本物と見分けがつかないことになります
+    (下限ではありません。本物どうしの値も組によって揺れます)。
     """
-    ref, other = real_split(images, n)
-    return score_samples(model, other, ref, batch_size, device, seed)  # other を「生成画像」役に
+    blocks = balanced_blocks(labels, split, n)
+    feats = [extract_features(model, images[b], batch_size, device) for b in blocks]
+    values = [fid(feats[0], f) for f in feats[1:]]
+    res = fid_kid(feats[0], feats[1], seed=seed)
+    v = torch.tensor(values, dtype=torch.float64)
+    res.update(split=split, fid_blocks=values, fid_mean=v.mean().item(),
+               fid_std=v.std().item() if len(v) > 1 else 0.0,
+               fid_min=v.min().item(), fid_max=v.max().item())
+    return res
 
 
 def score_samples(

@@ -8,6 +8,13 @@ from tqdm import tqdm
 
 from .schedule import NoiseSchedule
 
+# サンプラーの既定値 (sample() と CLI の両方がこれを使います)
+DEFAULT_METHOD = "ddim"
+DEFAULT_STEPS = 50
+DEFAULT_ETA = 1.0  # η = 1: DDPM と同じ分散のノイズを各ステップで足す
+DEFAULT_SPACING = "trailing"
+DEFAULT_GUIDANCE = 1.0  # s = 1: 条件付きモデルそのもの
+
 
 def guided_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor,
                y: torch.Tensor | None, guidance_scale: float = 1.0) -> torch.Tensor:
@@ -43,7 +50,7 @@ def ddpm_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, x_t: torch.Tensor
         return mean
     if noise is None:
         noise = torch.randn_like(x_t)
-    return mean + sched.posterior_variance[t].to(x_t.device).sqrt() * noise
+    return mean + sched.posterior_variance[t].item() ** 0.5 * noise
 
 
 def ddim_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
@@ -93,14 +100,16 @@ def ddim_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int,
 
 @torch.no_grad()
 def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | None = None,
-           guidance_scale: float = 1.0, method: str = "ddim", steps: int = 50, eta: float = 0.0,
-           spacing: str = "trailing", seed: int | None = 0, device: str | torch.device = "cpu",
+           guidance_scale: float = DEFAULT_GUIDANCE, method: str = DEFAULT_METHOD,
+           steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA,
+           spacing: str = DEFAULT_SPACING, seed: int | None = 0, device: str | torch.device = "cpu",
            bf16: bool = False, trajectory_every: int | None = None, progress: bool = False,
            x_T: torch.Tensor | None = None):
     """純粋なノイズ x_T ~ N(0, I) から n 枚の画像 (n, C, H, W)・[-1, 1] を作ります。
 
     - method="ddpm": T ステップの祖先サンプリング (steps は無視)。
     - method="ddim": steps ステップの DDIM (eta=0 で決定的、時刻の選び方は spacing)。
+      既定値 (DEFAULT_*) は CLI と共通です。
     - y: クラス (n,)。None ならクラスなし。guidance_scale は ``guided_eps`` を参照。
     - seed: 同じ seed なら同じ画像 (乱数は CPU の torch.Generator で作ってから移します)。
     - x_T: 出発点のノイズ (n, C, H, W)。省くと seed から引きます。η = 0 の DDIM では

@@ -39,55 +39,63 @@ def make_betas(name: str, T: int = 1000) -> torch.Tensor:
 
 
 class NoiseSchedule:
-    """β_t から導かれる量をまとめて持つクラス。計算は float64 で行い、float32 で保持します。
+    """β_t から導かれる量をまとめて持つクラス。係数はすべて float64 で計算して保持します。
 
     - ``alphas_cumprod[t]`` = ᾱ_t = Π_{s≤t} (1 - β_s)
     - ``alphas_cumprod_prev[t]`` = ᾱ_{t-1} (t = 0 では 1。最後の一歩はノイズなしの x_0 へ進む)
     - ``posterior_variance[t]`` = β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) · β_t
+    - ``posterior_mean_coef_x0[t]``, ``posterior_mean_coef_xt[t]``: 事後分布の平均
+      μ̃_t = c0 · x_0 + ct · x_t の係数。t = 0 では c0 = 1、ct = 0 です。
+
+    float32 で計算すると 1 - ᾱ_0 ≈ 1e-4 の桁落ちで、t = 0 の c0 が 1 から 5e-4 ほどずれます。
+    使うときに入力と同じ dtype (普通は float32) に丸めます。
     """
 
     def __init__(self, betas: torch.Tensor) -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.ndim != 1 or not ((betas > 0) & (betas < 1)).all():
+        if betas.ndim != 1 or len(betas) == 0 or not ((betas > 0) & (betas < 1)).all():
             raise ValueError("betas は 0 < β < 1 の 1 次元テンソルにしてください")
         self.T = len(betas)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
         # 先頭に 1 を足して 1 つずらす。ac[t - 1] と書くと t = 0 で ac[-1] (最後の値!) を読む
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-        self.betas = betas.float()
-        self.alphas = alphas.float()
-        self.alphas_cumprod = ac.float()
-        self.alphas_cumprod_prev = ac_prev.float()
-        self.posterior_variance = ((1 - ac_prev) / (1 - ac) * betas).float()
-        self.snr = (ac / (1 - ac)).float()
+        self.betas = betas
+        self.alphas = alphas
+        self.alphas_cumprod = ac
+        self.alphas_cumprod_prev = ac_prev
+        self.posterior_variance = (1 - ac_prev) / (1 - ac) * betas
+        self.posterior_mean_coef_x0 = ac_prev.sqrt() * betas / (1 - ac)
+        self.posterior_mean_coef_xt = alphas.sqrt() * (1 - ac_prev) / (1 - ac)
+        self.snr = ac / (1 - ac)
 
     @classmethod
     def from_name(cls, name: str, T: int = 1000) -> NoiseSchedule:
         """``NoiseSchedule.from_name("cosine")`` のように名前から作ります。"""
+        if T < 1:
+            raise ValueError(f"T は 1 以上にしてください (受け取ったのは {T})")
         return cls(make_betas(name, T))
 
     def _at(self, values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """values[t] を x と同じデバイスに置き、(N, 1, 1, 1) に整形して返します。"""
-        return values.to(x.device)[t.to(x.device)].view(-1, *([1] * (x.ndim - 1)))
+        """values[t] を x と同じ dtype・デバイスにし、(N, 1, 1, 1) に整形して返します。"""
+        v = values[t.cpu()].to(x.dtype)  # float64 のまま GPU へ送らない (MPS は float64 不可)
+        return v.to(x.device).view(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """前向き過程の閉じた形: x_t = √ᾱ_t · x_0 + √(1 - ᾱ_t) · ε。"""
-        ac = self._at(self.alphas_cumprod, t, x0)
-        return ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+        a = self._at(self.alphas_cumprod.sqrt(), t, x0)
+        s = self._at((1 - self.alphas_cumprod).sqrt(), t, x0)
+        return a * x0 + s * noise
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """ε の予測から x_0 を逆算します: x_0 = (x_t - √(1 - ᾱ_t) · ε) / √ᾱ_t。"""
-        ac = self._at(self.alphas_cumprod, t, x_t)
-        return (x_t - (1 - ac).sqrt() * eps) / ac.sqrt()
+        s = self._at((1 - self.alphas_cumprod).sqrt(), t, x_t)
+        inv_a = self._at(self.alphas_cumprod.rsqrt(), t, x_t)
+        return (x_t - s * eps) * inv_a
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor,
                        t: torch.Tensor) -> torch.Tensor:
-        """q(x_{t-1} | x_t, x_0) の平均 μ̃_t(x_t, x_0)。"""
-        ac = self._at(self.alphas_cumprod, t, x_t)
-        ac_prev = self._at(self.alphas_cumprod_prev, t, x_t)
-        beta = self._at(self.betas, t, x_t)
-        alpha = self._at(self.alphas, t, x_t)
-        c0 = ac_prev.sqrt() * beta / (1 - ac)
-        ct = alpha.sqrt() * (1 - ac_prev) / (1 - ac)
+        """q(x_{t-1} | x_t, x_0) の平均 μ̃_t(x_t, x_0) = c0 · x_0 + ct · x_t。"""
+        c0 = self._at(self.posterior_mean_coef_x0, t, x_t)
+        ct = self._at(self.posterior_mean_coef_xt, t, x_t)
         return c0 * x0 + ct * x_t

@@ -1,14 +1,11 @@
-"""torchbook.diffusion.metrics と classifier: FID/KID の性質、分類器の読み込みと学習 CLI。"""
-
-import json
-import math
+"""torchbook.diffusion.metrics: FID/KID の性質、val/test の分け方、本物どうしの参照レベル。"""
 
 import pytest
 import torch
-from torch import nn
+from diffusion_fixtures import fashion_root
 
-from booktools.data import data_root
-from torchbook.diffusion import classifier, metrics
+from torchbook.diffusion import metrics
+from torchbook.diffusion.checkpoint import load_classifier
 from torchbook.diffusion.data import load_tensors
 
 # ---------------------------------------------------------------- FID
@@ -99,46 +96,84 @@ def test_polynomial_kernel_formula():
     assert metrics.polynomial_kernel(x, y).tolist() == [[(1 / 2 + 1) ** 3, 1.0]]
 
 
-def test_real_split_is_disjoint_and_checks_the_size():
-    images = torch.arange(10.0).reshape(10, 1, 1, 1)
-    ref, other = metrics.real_split(images, 4)
-    assert ref.flatten().tolist() == [0, 1, 2, 3] and other.flatten().tolist() == [4, 5, 6, 7]
+# ---------------------------------------------------------------- val / test の分け方
+
+LABELS = torch.arange(10).repeat_interleave(40)[torch.randperm(400, generator=torch.Generator()
+                                                               .manual_seed(0))]
+
+
+def test_split_halves_are_disjoint_class_balanced_and_fixed():
+    val = metrics.split_matrix(LABELS, "val")
+    test = metrics.split_matrix(LABELS, "test")
+    assert val.shape == test.shape == (10, 20)
+    assert not set(val.flatten().tolist()) & set(test.flatten().tolist())
+    assert len(set(val.flatten().tolist()) | set(test.flatten().tolist())) == 400
+    for c in range(10):
+        assert (LABELS[val[c]] == c).all() and (LABELS[test[c]] == c).all()
+    assert torch.equal(val, metrics.split_matrix(LABELS, "val"))  # シード固定
+    assert not torch.equal(val, metrics.split_matrix(LABELS, "val", seed=1))
+    with pytest.raises(ValueError, match="split"):
+        metrics.split_matrix(LABELS, "train")
+
+
+def test_balanced_blocks_are_disjoint_and_balanced():
+    blocks = metrics.balanced_blocks(LABELS, "val", 40)
+    assert len(blocks) == 5
+    seen = set()
+    for b in blocks:
+        assert len(b) == 40 and torch.bincount(LABELS[b], minlength=10).tolist() == [4] * 10
+        assert not seen & set(b.tolist())
+        seen |= set(b.tolist())
+    assert seen == set(metrics.split_matrix(LABELS, "val").flatten().tolist())
+    with pytest.raises(ValueError, match="倍数"):
+        metrics.balanced_blocks(LABELS, "val", 45)
     with pytest.raises(ValueError, match="2 つ"):
-        metrics.real_split(images, 6)
+        metrics.balanced_blocks(LABELS, "val", 200)
 
 
-# ---------------------------------------------------------------- 分類器
+class _Identity(torch.nn.Module):
+    """画像の画素をそのまま特徴にする「分類器」(テスト用)。"""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def features(self, x):
+        return x.flatten(1)
+
+
+def test_real_reference_reports_the_spread_over_blocks():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(400, 1, 2, 2, generator=g) + LABELS.view(-1, 1, 1, 1) * 0.1
+    res = metrics.real_reference(_Identity(), images, LABELS, "val", 40)
+    assert res["split"] == "val" and len(res["fid_blocks"]) == 4
+    assert res["fid"] == res["fid_blocks"][0]
+    assert res["fid_min"] <= res["fid_mean"] <= res["fid_max"]
+    assert res["fid_min"] < res["fid_max"]  # 本物どうしでも組によって揺れる
+    assert res["n_a"] == res["n_b"] == 40
+
+
+# ---------------------------------------------------------------- 同梱の分類器
 
 
 @pytest.fixture(scope="module")
 def test_images():
-    try:
-        x, y = load_tensors(data_root(), train=False)
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST がありません (python -m booktools.data で用意します)")
-    return x[:1000], y[:1000]
+    x, y = load_tensors(fashion_root(), train=False)
+    return x, y
 
 
 def test_shapes_of_logits_and_features():
-    model = classifier.FashionClassifier().eval()
+    model = metrics.FashionClassifier().eval()
     x = torch.rand(7, 1, 32, 32) * 2 - 1
     assert model(x).shape == (7, 10)
     feats = metrics.extract_features(model, x, batch_size=3)
-    assert feats.shape == (7, classifier.FEATURE_DIM) and feats.dtype == torch.float64
+    assert feats.shape == (7, metrics.FEATURE_DIM) and feats.dtype == torch.float64
     assert not feats.requires_grad
 
 
-def test_augment_keeps_shape_and_background():
-    x = torch.full((5, 1, 32, 32), -1.0)
-    x[:, :, 10:20, 10:20] = 1.0
-    out = classifier.augment(x)
-    assert out.shape == x.shape
-    assert out.sum() == x.sum()  # 物体は縁から 2 画素以上離れているので、ずらしても画素は残る
-
-
 def test_shipped_classifier_is_accurate_on_test_images(test_images):
-    x, y = test_images
-    model = classifier.load_classifier()
+    x, y = test_images[0][:1000], test_images[1][:1000]
+    model = load_classifier()
     assert not model.training
     assert metrics.classifier_accuracy(model, x, y) >= 0.90
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
@@ -146,56 +181,36 @@ def test_shipped_classifier_is_accurate_on_test_images(test_images):
 
 
 def test_shipped_classifier_separates_real_from_noise(test_images):
-    x, _ = test_images
-    model = classifier.load_classifier()
-    floor = metrics.real_floor(model, x, 500)
+    x, y = test_images
+    model = load_classifier()
+    ref = metrics.real_reference(model, x, y, "val", 500)
     noise = torch.rand(500, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    scores = metrics.score_samples(model, noise, x[:500])
-    assert scores["fid"] > 20 * floor["fid"]
-    assert scores["kid_mean"] > 20 * max(floor["kid_mean"], floor["kid_std"])
+    scores = metrics.score_samples(model, noise, x[metrics.balanced_blocks(y, "val", 500)[0]])
+    assert scores["fid"] > 20 * ref["fid_max"]
+    assert scores["kid_mean"] > 20 * max(ref["kid_mean"], ref["kid_std"])
 
 
-def test_shipped_provenance_json():
-    info = json.loads(classifier.DEFAULT_WEIGHTS.with_suffix(".json").read_text("utf-8"))
-    assert info["test_images"] == 10_000 and info["test_accuracy"] >= 0.91
-    assert not info["dry_run"] and info["command"].startswith("python -m torchbook")
-    for n in ("1000", "5000"):
-        assert math.isfinite(info["real_floor"][n]["fid"])
+# ---------------------------------------------------------------- 来歴 JSON (同梱)
 
 
-def test_load_classifier_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m torchbook.diffusion.classifier"):
-        classifier.load_classifier(tmp_path / "none.pt")
+def test_shipped_provenance_records_the_split_of_every_number():
+    import json
 
+    from diffusion_fixtures import WEIGHTS
 
-def test_load_classifier_rejects_another_architecture(tmp_path):
-    path = tmp_path / "other.pt"
-    torch.save(nn.Linear(3, 3).state_dict(), path)
-    with pytest.raises(ValueError, match="構造が違います"):
-        classifier.load_classifier(path)
-
-
-def test_train_cli_dry_run(tmp_path, test_images):
-    save = tmp_path / "clf.pt"
-    info = classifier.main([
-        "--data-root", str(data_root()), "--dry-run", "--save", str(save), "--batch-size", "64",
-    ])
-    assert info["dry_run"] and info["epochs"] == 1 and info["test_images"] == 1000
-    written = json.loads(save.with_suffix(".json").read_text("utf-8"))
-    assert written["command"].endswith(f"--save {save} --batch-size 64")
-    model = classifier.load_classifier(save)
-    assert isinstance(model, classifier.FashionClassifier)
-    # --evaluate-only は学習の記録を残したまま、測定値と評価コマンドを書き足す
-    classifier.main(["--data-root", str(data_root()), "--evaluate-only", "--save", str(save),
-                     "--floor", "50"])
-    updated = json.loads(save.with_suffix(".json").read_text("utf-8"))
-    assert updated["train_loss"] == written["train_loss"] and updated["test_images"] == 10_000
-    assert set(updated["real_floor"]) == {"50"}
-    assert "--evaluate-only" in updated["evaluation"]["command"]
-
-
-def test_train_cli_rejects_bad_arguments():
-    with pytest.raises(SystemExit):
-        classifier.parse_args(["--epochs", "0"])
-    with pytest.raises(SystemExit):
-        classifier.parse_args(["--floor", "6000"])
+    info = json.loads((WEIGHTS / "ddpm_fashion.json").read_text("utf-8"))
+    ev, sel = info["eval"], info["selection"]
+    assert all(key.split("/")[0] == v["split"] in metrics.SPLITS for key, v in ev.items())
+    n = sel["n"]
+    assert sel["split"] == "val" and sel["chosen"] in sel["candidates"]
+    assert all(ev[f"val/{task}@{n}"]["fid"] == fid for task, fid in sel["candidates"].items())
+    assert sel["chosen_fid"] == min(sel["candidates"].values())
+    tests = [v for v in ev.values() if v["split"] == "test" and v["task"] != "reference"]
+    assert [v["task"] for v in tests] == [sel["chosen"]]  # test で測ったのは選んだものだけ
+    for split in metrics.SPLITS:
+        ref = ev[f"{split}/reference@{n}"]
+        assert ref["fid_min"] <= ref["fid"] <= ref["fid_max"] and len(ref["fid_blocks"]) >= 2
+    assert "LEGACY" in info["eval_legacy_note"]
+    clf = json.loads((WEIGHTS / "fashion_classifier.json").read_text("utf-8"))
+    assert set(clf["real_reference"]) == {f"{s}@1000" for s in metrics.SPLITS}
+    assert "real_floor" not in clf

@@ -1,0 +1,196 @@
+"""チェックポイントの保存と読み込み (この章のファイル形式はここだけで決めます)。
+
+形式はモデルの種類ごとに 1 つです。
+
+DDPM (``kind == "torchbook-ddpm-v1"``) は ``torch.save`` した辞書です::
+
+    {"kind": "torchbook-ddpm-v1",
+     "unet": UNet の構成 (UNet.config),  "schedule": "cosine" など,  "T": 1000,
+     "step": 学習ステップ数,  "ema": EMA の state_dict,  "ema_step": EMA の更新回数,
+     "extra": 来歴 (学習の記録など),
+     # 以下は学習を再開するためのもの。配布用 (ema_only) のファイルにはありません
+     "model": 学習中の重み, "optimizer": ..., "lr_scheduler": ...,
+     "rng": torch の乱数の状態, "generator": データを選ぶ乱数の状態}
+
+分類器 (FID/KID の特徴を作る ``FashionClassifier``) は ``state_dict`` そのものです。
+どちらも隣に同じ名前の ``.json`` (来歴: 実行したコマンド、コミット、測定値) を置きます。
+
+保存は必ず ``atomic_save``: 同じフォルダーの一時ファイルに書いてから ``os.replace`` で
+置き換えるので、保存の途中で止まっても前のファイルは壊れません。
+読み込みは必ず ``torch.load(..., weights_only=True)`` です。
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .metrics import FashionClassifier
+from .schedule import NoiseSchedule
+from .unet import UNet
+
+DDPM_KIND = "torchbook-ddpm-v1"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "ddpm_fashion.pt"
+DEFAULT_CLASSIFIER = WEIGHTS_DIR / "fashion_classifier.pt"
+
+
+# ---------------------------------------------------------------- 書き込み (いつも原子的に)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """write(一時ファイルのパス) で書いてから path へ os.replace します (画像などにも使えます)。"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # 書き終えたファイルとの入れ替えは一瞬 (途中の状態がない)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` を原子的に行います。"""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """テキストファイル (来歴 JSON など) を原子的に書きます。"""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- 読み込み
+
+
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """``torch.load(weights_only=True)`` で読みます。読めないファイルは理由つきで止めます。"""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"チェックポイント {path} がありません")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, IndexError, KeyError,
+            RuntimeError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(
+            f"{path} は PyTorch のチェックポイントとして読めません (テキストファイルや、"
+            f"途中までしか書かれていないファイルではありませんか): {type(e).__name__}") from e
+
+
+def read_ddpm(path: str | os.PathLike) -> dict:
+    """DDPM のチェックポイントの辞書を読み、形式を確かめて返します。"""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != DDPM_KIND:
+        raise ValueError(f"{path} はこのモジュールの DDPM チェックポイント ({DDPM_KIND}) "
+                         "ではありません")
+    return ckpt
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_name: str,
+                    T: int, extra: dict | None = None, ema_only: bool = False,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    lr_scheduler=None, step: int = 0,
+                    generator: torch.Generator | None = None) -> None:
+    """DDPM のチェックポイントを保存します。ema_only=True なら EMA の重みだけ (配布用)。
+
+    ema は ``.model`` (EMA の重みを持つ UNet) と ``.step`` を持つオブジェクトです。
+    再開用には最適化器・学習率・乱数の状態も保存し、続きが中断なしと同じになるようにします。
+    """
+    ckpt = {"kind": DDPM_KIND, "unet": model.config, "schedule": schedule_name, "T": T,
+            "step": step, "ema": ema.model.state_dict(), "ema_step": ema.step,
+            "extra": extra or {}}
+    if not ema_only:
+        ckpt["model"] = model.state_dict()
+        ckpt["optimizer"] = optimizer.state_dict() if optimizer else None
+        ckpt["lr_scheduler"] = lr_scheduler.state_dict() if lr_scheduler else None
+        ckpt["rng"] = torch.get_rng_state()
+        ckpt["generator"] = generator.get_state() if generator else None
+    atomic_save(ckpt, path)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    channels_last: bool = False) -> tuple[UNet, NoiseSchedule, dict]:
+    """DDPM のチェックポイントから EMA の UNet (評価モード) とスケジュールを作って返します。"""
+    ckpt = read_ddpm(path)
+    model = UNet(**ckpt["unet"])
+    try:
+        model.load_state_dict(ckpt["ema"])
+    except RuntimeError as e:
+        raise ValueError(f"{path} の重みが UNet({ckpt['unet']}) の構造と合いません: {e}") from e
+    model = model.float().to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, NoiseSchedule.from_name(ckpt["schedule"], ckpt["T"]), ckpt
+
+
+def restore_training(ckpt: dict, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
+                     lr_scheduler, generator: torch.Generator) -> int:
+    """再開用のチェックポイント (ema_only でないもの) の状態を戻し、ステップ数を返します。"""
+    if "model" not in ckpt or ckpt.get("generator") is None:
+        raise ValueError("配布用 (EMA だけ) か古い形式のチェックポイントなので再開できません")
+    if ckpt["unet"] != model.config:
+        raise ValueError(f"チェックポイントは別の構造のモデル ({ckpt['unet']}) のものです")
+    model.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    ema.step = ckpt["ema_step"]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    generator.set_state(ckpt["generator"])
+    return ckpt["step"]
+
+
+def load_classifier(path: str | os.PathLike | None = None,
+                    device: str | torch.device = "cpu") -> FashionClassifier:
+    """学習済みの分類器を読み込み、評価モード (eval) で返します。
+
+    ``path`` を省くと、このフォルダーの ``weights/fashion_classifier.pt`` を読みます。
+    """
+    path = Path(path) if path is not None else DEFAULT_CLASSIFIER
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"分類器の重み {path} がありません。このフォルダーの classifier モジュールで"
+            "学習して保存してください (--help で使い方を表示します)")
+    state = read_checkpoint(path)
+    model = FashionClassifier()
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} は FashionClassifier の重みではありません (構造が違います)"
+                         ) from e
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- 来歴
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """実際に実行したコマンドを 1 行で返します (来歴 JSON に書きます)。
+
+    module は呼び出し側の ``__spec__.name`` など (コピー先ではパッケージ名が変わるため、
+    決め打ちしません)。argv が None ならコマンドラインの引数 ``sys.argv[1:]`` を使います。
+    """
+    import shlex
+
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", module, *args])
+
+
+def git_commit() -> str | None:
+    """このファイルがある git リポジトリのコミット (なければ None)。"""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,123 @@
+"""CLI に共通の引数の型と確認 (作業を始める前に、悪い入力を 1 行の説明で止めます)。
+
+argparse の ``type=`` に渡す関数は、受け付けない値に ``ArgumentTypeError`` を出します。
+argparse はそれを ``error: argument --steps: ...`` の 1 行にして終了コード 2 で止めます。
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .device import get_device
+
+
+def positive_int(text: str) -> int:
+    """1 以上の整数。"""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"整数にしてください (受け取ったのは {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"1 以上にしてください (受け取ったのは {value})")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    """0 以上の有限の実数。"""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"数にしてください (受け取ったのは {text!r})") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"0 以上の有限の数にしてください (受け取ったのは {text})")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """0 より大きい有限の実数 (学習率など)。"""
+    value = nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"0 より大きくしてください (受け取ったのは {text})")
+    return value
+
+
+def probability(text: str) -> float:
+    """0 以上 1 未満の実数 (ラベルを落とす確率、EMA の減衰率)。"""
+    value = nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"0 以上 1 未満にしてください (受け取ったのは {text})")
+    return value
+
+
+def channel_list(text: str) -> tuple[int, ...]:
+    """"32,64,128" のようなチャンネル数の並び (各 8 の倍数: GroupNorm の 8 グループで割るため)。"""
+    try:
+        values = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"32,64,128 のようにカンマ区切りの整数にしてください (受け取ったのは {text!r})"
+        ) from None
+    if not values or any(c < 8 or c % 8 for c in values):
+        raise argparse.ArgumentTypeError(
+            f"チャンネル数はどれも 8 の倍数にしてください (受け取ったのは {text!r})")
+    return values
+
+
+def patch_size(text: str) -> int:
+    """UNet の patch_size (1, 2, 4: 32×32 の画像を割り切り、縮めた後も 2 回半分にできる値)。"""
+    value = positive_int(text)
+    if value not in (1, 2, 4):
+        raise argparse.ArgumentTypeError(f"1・2・4 のどれかにしてください (受け取ったのは {value})")
+    return value
+
+
+def device(text: str) -> torch.device:
+    """--device の名前を確かめます (この計算機で使えないデバイスは作業の前に止めます)。"""
+    try:
+        return get_device(text)
+    except (ValueError, RuntimeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device を足します (省くと cuda → mps → cpu の順に使えるもの)。"""
+    parser.add_argument("--device", type=device, default=None,
+                        help="cpu, cuda, cuda:1, mps など (既定: 使える中で最も速いもの)")
+
+
+def check_output(parser: argparse.ArgumentParser, path: str | os.PathLike, option: str,
+                 suffixes: tuple[str, ...]) -> Path:
+    """書き出すファイルのパスを作業の前に確かめます (拡張子、フォルダー、書き込み権限)。
+
+    足りない親フォルダーはここで作ります。作れない・書けないときは parser.error で止めます。
+    """
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        parser.error(f"{option} {path}: 拡張子を {' か '.join(suffixes)} にしてください")
+    if path.is_dir():
+        parser.error(f"{option} {path}: フォルダーではなくファイルの名前にしてください")
+    check_folder(parser, path.parent, option)
+    if path.exists() and not os.access(path, os.W_OK):
+        parser.error(f"{option} {path}: 書き込めないファイルです。別の場所を指定してください")
+    return path
+
+
+def check_folder(parser: argparse.ArgumentParser, folder: str | os.PathLike,
+                 option: str) -> Path:
+    """書き込むフォルダーを確かめ、無ければ作ります。"""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        parser.error(f"{option} {folder}: フォルダーの場所にファイルがあります")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"{option} {folder}: フォルダーを作れません ({e.strerror})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"{option} {folder}: 書き込めないフォルダーです。別の場所を指定してください")
+    return folder
+

@@ -1,0 +1,103 @@
+"""torchbook.diffusion.checkpoint: 1 つの形式と 1 つの読み込み、原子的な保存、わかる誤り。"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusion_fixtures import WEIGHTS, tiny_unet
+from torch import nn
+from torchbook.diffusion import checkpoint
+from torchbook.diffusion.checkpoint import (
+    atomic_save,
+    load_checkpoint,
+    load_classifier,
+    save_checkpoint,
+)
+from torchbook.diffusion.metrics import FashionClassifier
+
+
+class _Ema:
+    def __init__(self, model):
+        self.model, self.step = model, 3
+
+
+def test_round_trip_and_wrong_architecture(tmp_path):
+    model = tiny_unet()
+    path = tmp_path / "ema.pt"
+    save_checkpoint(path, model, _Ema(model), "cosine", 1000, {"note": "test"}, ema_only=True)
+    loaded, sched, ckpt = load_checkpoint(path)
+    assert ckpt["extra"]["note"] == "test" and sched.T == 1000 and ckpt["ema_step"] == 3
+    assert "model" not in ckpt  # 配布用は EMA の重みだけ
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t), model(x, t))
+    bad = torch.load(path, weights_only=True)
+    bad["unet"]["channels"] = [32, 64]
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="構造"):
+        load_checkpoint(tmp_path / "bad.pt")
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="DDPM"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_channels_last_is_decided_by_the_caller(tmp_path):
+    model = tiny_unet()
+    save_checkpoint(tmp_path / "a.pt", model, _Ema(model), "cosine", 100, ema_only=True)
+    plain, _, _ = load_checkpoint(tmp_path / "a.pt")
+    cl, _, _ = load_checkpoint(tmp_path / "a.pt", channels_last=True)
+    assert plain.conv_in.weight.is_contiguous()
+    assert cl.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("content", [b"hello, this is text\n", b""])
+def test_text_or_empty_file_says_it_is_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="PyTorch のチェックポイントとして読めません"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="PyTorch のチェックポイントとして読めません"):
+        load_classifier(path)
+
+
+def test_truncated_file_says_so(tmp_path):
+    model = tiny_unet()
+    path = tmp_path / "cut.pt"
+    save_checkpoint(path, model, _Ema(model), "cosine", 100, ema_only=True)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="途中までしか"):
+        load_checkpoint(path)
+
+
+def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path):
+    path = tmp_path / "keep.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("保存の途中で失敗")
+
+    with pytest.raises(RuntimeError, match="途中で失敗"):
+        atomic_save({"a": Unpicklable()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.pt"]  # 一時ファイルも残らない
+
+
+def test_shipped_weights_load_with_the_one_loader():
+    model, sched, ckpt = load_checkpoint(checkpoint.DEFAULT_CHECKPOINT)
+    assert ckpt["kind"] == checkpoint.DDPM_KIND and sched.T == ckpt["T"]
+    assert checkpoint.DEFAULT_CHECKPOINT.parent == WEIGHTS
+    assert isinstance(load_classifier(), FashionClassifier)
+
+
+def test_load_classifier_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="classifier"):
+        load_classifier(tmp_path / "none.pt")
+    torch.save(nn.Linear(3, 3).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="構造が違います"):
+        load_classifier(tmp_path / "other.pt")
+
+
+def test_command_line_uses_the_module_name_as_run():
+    assert checkpoint.command_line("diffusion.train", ["--steps", "2", "a b"]) == \
+        "python -m diffusion.train --steps 2 'a b'"
