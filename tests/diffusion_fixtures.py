@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 import torchbook.diffusion as pkg
 from torchbook.diffusion.unet import UNet
 

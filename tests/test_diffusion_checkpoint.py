@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusion_fixtures import WEIGHTS, tiny_unet
 from torch import nn
+
 from torchbook.diffusion import checkpoint
 from torchbook.diffusion.checkpoint import (
     atomic_save,

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 from diffusion_fixtures import fashion_root
+
 from torchbook.diffusion.data import load_tensors
 
 FILES = ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]

@@ -7,6 +7,7 @@ import inspect
 import pytest
 import torch
 from diffusion_fixtures import tiny_unet
+
 from torchbook.diffusion import sample as sample_cli
 from torchbook.diffusion import sampling
 from torchbook.diffusion.sampling import ddim_step, ddim_timesteps, sample

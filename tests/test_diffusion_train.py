@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusion_fixtures import fashion_root, tiny_unet
+
 from torchbook.diffusion import train
 from torchbook.diffusion.checkpoint import load_checkpoint, read_ddpm
 from torchbook.diffusion.schedule import NoiseSchedule

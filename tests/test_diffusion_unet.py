@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusion_fixtures import tiny_unet
+
 from torchbook.diffusion.sampling import guided_eps
 from torchbook.diffusion.unet import timestep_embedding
 
