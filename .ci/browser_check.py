@@ -408,6 +408,17 @@ def main() -> int:
                     name = f"{Path(page).stem}-{width}.png"
                     c.screenshot(name, args.screenshots)
                     shots.append(name)
+                    # 最初の図 (SVG の図解など) を画面の中央にしてもう 1 枚
+                    has_figure = c.b.eval(
+                        "(() => { const i = document.querySelector('.bd-article img');"
+                        " if (!i) return false; i.loading = 'eager';"
+                        " i.scrollIntoView({block: 'center'}); return true; })()"
+                    )
+                    if has_figure:
+                        c.b.pump(0.8)
+                        name = f"{Path(page).stem}-figure-{width}.png"
+                        c.screenshot(name, args.screenshots)
+                        shots.append(name)
             if SOLUTION_PAGE in pages:
                 c.open(SOLUTION_PAGE)
                 opened = c.b.eval(

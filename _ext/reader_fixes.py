@@ -42,7 +42,9 @@ SEARCH_JS = re.compile(
 )
 INLINE_SCRIPT = re.compile(r"\n\s*<script>[^<]*</script>")
 IMG_TAG = re.compile(r'<img (?![^>]*loading=)(?=[^>]*src="[^"]*_images/)')
-MATHJAX_TAG = re.compile(r'<script defer="defer" src="([^"]*mathjax/startup\.js)"></script>')
+MATHJAX_TAG = re.compile(
+    r'<script defer="defer" src="([^"]*mathjax/startup\.js(?:\?[^"]*)?)"></script>'
+)
 # 数式が画面に近づいてから MathJax (約 800 kB) を読む。読み終えたら reader-mathjax-ready を送る。
 MATHJAX_LAZY = """<script>(() => {
   const load = (window.__readerLoadMath = () => {
@@ -247,7 +249,8 @@ def purge_theme_css(outdir: Path) -> None:
         text = page.read_text(encoding="utf-8", errors="ignore")
         for attr in re.findall(r'class="([^"]*)"', text):
             known.update(attr.split())
-        known.update(re.findall(r"[\w-]+", " ".join(re.findall(r"<script[^>]*>(.*?)</script>", text, re.S))))
+        inline = " ".join(re.findall(r"<script[^>]*>(.*?)</script>", text, re.S))
+        known.update(re.findall(r"[\w-]+", inline))
     for js in static.rglob("*.js"):
         if "mathjax" not in js.parts:
             known.update(re.findall(r"[\w-]+", js.read_text(encoding="utf-8", errors="ignore")))

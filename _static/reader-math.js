@@ -12,8 +12,16 @@
       }
     });
   };
-  window.addEventListener("reader-mathjax-ready", () => {
+  let started = false;
+  const start = () => {
     mark();
-    window.addEventListener("resize", mark);
+    if (!started) window.addEventListener("resize", mark);
+    started = true;
+  };
+  // MathJax を遅れて読むとき (reader_fixes) は reader-mathjax-ready、すぐ読むときは startup.promise
+  window.addEventListener("reader-mathjax-ready", start);
+  window.addEventListener("load", () => {
+    const mj = window.MathJax;
+    if (mj && mj.startup && mj.startup.promise) mj.startup.promise.then(start);
   });
 })();
