@@ -72,8 +72,38 @@ SEARCH_BUTTON = re.compile(
 )
 
 
-def fix_html(text: str, is_search_page: bool) -> str:
+def plain_token_classes(pygments_css: str) -> set[str]:
+    """色が地の文字と同じ Pygments のトークン (名前 n、区切り p、空白 w) の class を返します。
+
+    明暗どちらのテーマでも ``.highlight`` と同じ色 (または色の指定なし) のものだけです。
+    """
+    plain = set()
+    for cls in ("n", "p", "w"):
+        same = True
+        for theme in ("light", "dark"):
+            scope = f'html[data-theme="{theme}"] .highlight'
+            base = re.search(re.escape(scope) + r" \{[^}]*?color: (#[0-9A-Fa-f]+)", pygments_css)
+            rule = re.escape(scope) + rf" \.{cls} \{{ color: (#[0-9A-Fa-f]+)"
+            tok = re.search(rule, pygments_css)
+            if tok and (base is None or tok.group(1).lower() != base.group(1).lower()):
+                same = False
+        if same:
+            plain.add(cls)
+    return plain
+
+
+def unwrap_plain_tokens(text: str, classes: set[str]) -> str:
+    """見た目の変わらないトークンの <span> を外して、コードの多いページを軽くします。"""
+    if not classes:
+        return text
+    names = "|".join(sorted(classes))
+    pattern = re.compile(rf'<span class="(?:{names})">([^<]*)</span>')
+    return pattern.sub(r"\1", text)
+
+
+def fix_html(text: str, is_search_page: bool, plain_tokens: set[str] = frozenset()) -> str:
     """1 ページの HTML を直します (テストしやすいように純粋な関数)。"""
+    text = unwrap_plain_tokens(text, set(plain_tokens))
     text = FONTAWESOME_JS.sub("", text)
     text = MATHJAX_TAG.sub(lambda m: MATHJAX_LAZY % m.group(1), text)
     # 同じインラインの <script> が 2 回あれば、2 回目を除く (const の二重宣言でエラーになる)
@@ -166,11 +196,13 @@ def _finished(app: Sphinx, exception: Exception | None) -> None:
     if exception is not None or app.builder.format != "html":
         return
     outdir = Path(app.outdir)
+    css = outdir / "_static" / "pygments.css"
+    plain = plain_token_classes(css.read_text(encoding="utf-8")) if css.exists() else set()
     for page in outdir.rglob("*.html"):
         if "_static" in page.parts:
             continue
         text = page.read_text(encoding="utf-8")
-        fixed = fix_html(text, page.relative_to(outdir).as_posix() == "search.html")
+        fixed = fix_html(text, page.relative_to(outdir).as_posix() == "search.html", plain)
         if fixed != text:
             page.write_text(fixed, encoding="utf-8")
     subset_icon_fonts(outdir)

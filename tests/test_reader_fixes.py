@@ -52,3 +52,20 @@ def test_purge_css_keeps_used_and_negated_rules():
     kept_rules = (".used{a:1}", ".used2{c:3}", ".used{e:5}", ".x:not(.unused){f:6}")
     for kept in (*kept_rules, "@font-face", "p{g:7}", ".bs-tooltip-top{h:8}"):
         assert kept in out
+
+
+def test_plain_pygments_tokens_are_unwrapped_only_when_they_look_the_same():
+    from reader_fixes import plain_token_classes, unwrap_plain_tokens
+
+    css = (
+        'html[data-theme="light"] .highlight { background: #fff; color: #080808 }\n'
+        'html[data-theme="dark"] .highlight { background: #222; color: #F8F8F2 }\n'
+        'html[data-theme="light"] .highlight .n { color: #080808 }\n'
+        'html[data-theme="dark"] .highlight .n { color: #F8F8F2 }\n'
+        'html[data-theme="light"] .highlight .p { color: #080808 }\n'
+        'html[data-theme="dark"] .highlight .p { color: #AAAAAA }\n'
+    )
+    plain = plain_token_classes(css)
+    assert plain == {"n", "w"}  # p は暗いテーマで色が違うので残す
+    code = '<span class="n">x</span><span class="p">(</span><span class="w"> </span>'
+    assert unwrap_plain_tokens(code, plain) == 'x<span class="p">(</span> '
