@@ -456,4 +456,3 @@ def test_pages_leave_thread_settings_to_the_build(page: str) -> None:
     text = (REPO / "book" / page).read_text(encoding="utf-8")
     for setting in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "set_num_threads"):
         assert setting not in text, setting
-    assert "seed 00" not in text.lower()
