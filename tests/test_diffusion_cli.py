@@ -274,3 +274,15 @@ def test_choose_picks_the_lowest_val_fid_only(tmp_path):
     args = evaluate.parse_args(["--out", str(path), "--n", "100", "--split", "test",
                                 "--tasks", "reference", "chosen"])
     assert [k["task"] for k in args.parsed] == ["reference", "ddim:50:1:1"]
+
+
+@pytest.mark.parametrize("text", ["25", "10", "2510", "0", "abc"])
+def test_reference_counts_are_checked_by_one_argparse_type(text, tmp_path, capsys):
+    """evaluate --n と classifier --reference は同じ規則 (10 の倍数で 20〜2500) で止まる。"""
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--out", str(tmp_path / "e.json"), "--n", text])
+    assert e.value.code == 2 and "argument --n" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        classifier.parse_args(["--save", str(tmp_path / "c.pt"), "--reference", text])
+    assert e.value.code == 2 and "argument --reference" in capsys.readouterr().err
+    assert options.reference_count("2500") == 2500 and options.reference_count("20") == 20

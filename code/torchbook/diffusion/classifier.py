@@ -144,16 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="channels_last 形式で計算する")
     p.add_argument("--save", default=str(DEFAULT_SAVE),
                    help=f"state_dict の保存先 (.pt、来歴は隣の .json。既定: {DEFAULT_SAVE})")
-    p.add_argument("--reference", type=options.positive_int, nargs="*", default=[1000],
+    p.add_argument("--reference", type=options.reference_count, nargs="*", default=[1000],
                    help="本物どうしの FID/KID (参照レベル) を val と test で測る枚数")
     p.add_argument("--evaluate-only", action="store_true",
                    help="学習せず、--save の重みの正解率と参照レベルを測り直して JSON を更新する")
     p.add_argument("--dry-run", action="store_true",
                    help="1 バッチだけ学習し、何も保存しない (動作の確認用)")
     args = p.parse_args(argv)
-    if any(n % 10 or not 20 <= n <= 2500 for n in args.reference):
-        p.error("--reference の枚数は 10 の倍数で 20〜2500 にしてください "
-                "(テスト画像を val と test に半分ずつ分け、それぞれから 2 組取ります)")
     if args.evaluate_only:
         if not Path(args.save).is_file():
             p.error(f"--evaluate-only: {args.save} がありません (--save で重みを指定してください)")

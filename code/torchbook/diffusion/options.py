@@ -54,6 +54,19 @@ def probability(text: str) -> float:
     return value
 
 
+def reference_count(text: str) -> int:
+    """本物と比べる枚数: 10 の倍数で 20〜2500。
+
+    各 split は 1 クラス 500 枚で、本物どうしを比べるには重ならない組が 2 つ要るためです。
+    """
+    value = positive_int(text)
+    if value % 10 or not 20 <= value <= 2500:
+        raise argparse.ArgumentTypeError(
+            f"10 の倍数で 20〜2500 にしてください (受け取ったのは {value}。"
+            "各 split は 1 クラス 500 枚で、本物どうしを比べるのに重ならない 2 組が要ります)")
+    return value
+
+
 def channel_list(text: str) -> tuple[int, ...]:
     """"32,64,128" のようなチャンネル数の並び (各 8 の倍数: GroupNorm の 8 グループで割るため)。"""
     try:

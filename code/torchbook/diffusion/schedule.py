@@ -64,6 +64,9 @@ class NoiseSchedule:
         self.alphas = alphas
         self.alphas_cumprod = ac
         self.alphas_cumprod_prev = ac_prev
+        self.sqrt_alphas_cumprod = ac.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - ac).sqrt()
+        self.rsqrt_alphas_cumprod = ac.rsqrt()  # 1 / √ᾱ_t (x_0 の逆算で使う)
         self.posterior_variance = (1 - ac_prev) / (1 - ac) * betas
         self.posterior_mean_coef_x0 = ac_prev.sqrt() * betas / (1 - ac)
         self.posterior_mean_coef_xt = alphas.sqrt() * (1 - ac_prev) / (1 - ac)
@@ -83,14 +86,14 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """前向き過程の閉じた形: x_t = √ᾱ_t · x_0 + √(1 - ᾱ_t) · ε。"""
-        a = self._at(self.alphas_cumprod.sqrt(), t, x0)
-        s = self._at((1 - self.alphas_cumprod).sqrt(), t, x0)
+        a = self._at(self.sqrt_alphas_cumprod, t, x0)
+        s = self._at(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return a * x0 + s * noise
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """ε の予測から x_0 を逆算します: x_0 = (x_t - √(1 - ᾱ_t) · ε) / √ᾱ_t。"""
-        s = self._at((1 - self.alphas_cumprod).sqrt(), t, x_t)
-        inv_a = self._at(self.alphas_cumprod.rsqrt(), t, x_t)
+        s = self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        inv_a = self._at(self.rsqrt_alphas_cumprod, t, x_t)
         return (x_t - s * eps) * inv_a
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor,

@@ -225,8 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = training_loss(model, sched, x0, y, args.p_uncond, gen)
-            if not math.isfinite(loss.item()):  # NaN の重みで良いチェックポイントを上書きしない
-                raise SystemExit(f"ステップ {step + 1} で損失が {loss.item()} になりました。"
+            loss_value = loss.item()  # GPU と同期するのは 1 ステップに 1 回だけ
+            if not math.isfinite(loss_value):  # NaN の重みで良いチェックポイントを上書きしない
+                raise SystemExit(f"ステップ {step + 1} で損失が {loss_value} になりました。"
                                  "--lr を下げてください (保存済みの last.pt はそのままです)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
             lr_sched.step()
             ema.update(model)
             step += 1
-            running += loss.item()
+            running += loss_value
             count += 1
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
