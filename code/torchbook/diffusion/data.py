@@ -39,16 +39,12 @@ def fashion_mnist(root: str | os.PathLike, train: bool = True, download: bool = 
             f"データのフォルダー {root} がファイルです。フォルダーを指定してください")
     try:
         ds = datasets.FashionMNIST(str(root), train=train, download=download, transform=TRANSFORM)
-    except RuntimeError as e:
-        if "not found" not in str(e).lower():
-            raise ValueError(f"{root / 'FashionMNIST'} のファイルが壊れています ({e})。"
-                             "そのフォルダーを消してから --download を付けて取り直してください"
-                             ) from e
-        raise FileNotFoundError(
-            f"{root / 'FashionMNIST' / 'raw'} に Fashion-MNIST がありません。"
-            "--download を付けて実行すると torchvision がダウンロードします (約 30 MB)。"
-            "別の場所にあるなら --data-root でそのフォルダーを指定してください") from e
-    except (EOFError, OSError, ValueError) as e:  # 途中で切れたファイルなど
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # 無い、または途中で切れたなど
+        if isinstance(e, RuntimeError) and "not found" in str(e).lower():
+            raise FileNotFoundError(
+                f"{root / 'FashionMNIST' / 'raw'} に Fashion-MNIST がありません。"
+                "--download を付けて実行すると torchvision がダウンロードします (約 30 MB)。"
+                "別の場所にあるなら --data-root でそのフォルダーを指定してください") from e
         raise ValueError(f"{root / 'FashionMNIST'} のファイルが壊れています ({e})。"
                          "そのフォルダーを消してから --download を付けて取り直してください"
                          ) from e
