@@ -352,12 +352,14 @@ def train_epoch(
         optimizer.step()  # 5. 重みを更新する
         if scheduler is not None:
             scheduler.step()  # 学習率をステップごとに変える (one-cycle)
-        total_loss += loss.item() * len(targets)
+        batch_loss = loss.item()  # GPU から値を取り出すのはバッチごとに 1 回だけ
+        total_loss += batch_loss * len(targets)
         correct += (outputs.argmax(1) == targets).sum().item()
         seen += len(targets)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if not bar.disable:
+            bar.set_postfix(loss=f"{batch_loss:.4f}")
         if log_interval > 0 and i % log_interval == 0:
-            tqdm.write(f"  バッチ {i:5d}: 損失 {loss.item():.4f}")
+            tqdm.write(f"  バッチ {i:5d}: 損失 {batch_loss:.4f}")
         if dry_run:
             break
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
