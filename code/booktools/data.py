@@ -214,8 +214,9 @@ def read_manifest(name: str, root: str | os.PathLike | None = None) -> dict:
         ) from e
 
 
-def _write_manifest(name: str, root: Path, source: str, detail: str) -> dict:
-    counts = verify(name, root)
+def _write_manifest(name: str, root: Path, source: str, detail: str,
+                    counts: dict[str, int]) -> dict:
+    """確かめ済みの枚数 ``counts`` (verify の戻り値) と出どころをマニフェストに書きます。"""
     manifest = {
         "dataset": _class_name(name),
         "source": source,
@@ -379,7 +380,7 @@ def _adopt_or_refuse(name: str, root: Path) -> dict:
     """マニフェストのない raw/ にあるファイルを、正しければ使い、壊れていれば止めます。"""
     folder = raw_dir(name, root)
     try:
-        verify(name, root)
+        counts = verify(name, root)
     except DataError as e:
         raise DataError(
             f"{folder} にはすでにファイルがあります: {_describe(folder)}。"
@@ -388,7 +389,7 @@ def _adopt_or_refuse(name: str, root: Path) -> dict:
             f"--root {root} {name}` を実行してください。"
         ) from e
     detail = f"既存のファイル (出どころの記録なし) ← {folder}"
-    return _write_manifest(name, root, "existing", detail)
+    return _write_manifest(name, root, "existing", detail, counts)
 
 
 def _build(name: str, work: Path, offline: bool) -> tuple[str, str]:
@@ -450,11 +451,11 @@ def prepare(
         work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=folder))
         try:
             source, detail = _build(name, work, offline)
-            verify_folder(work)
+            counts = verify_folder(work)
             raw.mkdir(exist_ok=True)
             for fname in FILES.values():
                 os.replace(work / fname, raw / fname)
-            return _write_manifest(name, root, source, detail)
+            return _write_manifest(name, root, source, detail, counts)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
