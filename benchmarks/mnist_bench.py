@@ -92,13 +92,6 @@ def machine() -> dict:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """同じフォルダーの一時ファイルに書いてから置き換えます (途中で止まっても前の記録が残る)。"""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def ablation(args: argparse.Namespace) -> None:
     splits = load_splits()
     seeds = list(range(1, args.seeds + 1))
@@ -143,7 +136,8 @@ def ablation(args: argparse.Namespace) -> None:
     }
     out = Path(args.out or RECIPE_JSON)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+    text = json.dumps(record, ensure_ascii=False, indent=1) + "\n"
+    data.atomic_write(out, text.encode("utf-8"))
     print(f"{out} に保存しました")
 
 
@@ -270,7 +264,7 @@ def compare(args: argparse.Namespace) -> None:
     print("\n".join(rows))
     out = Path(args.out or REPO / "benchmarks" / "results" / "mnist_bench.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, "\n".join(lines + rows) + "\n")
+    data.atomic_write(out, ("\n".join(lines + rows) + "\n").encode("utf-8"))
     print(f"\n{out} に保存しました")
 
 

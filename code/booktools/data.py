@@ -83,7 +83,7 @@ def check_root(root: Path) -> None:
 
 
 # ---------------------------------------------------------------- IDX の読み書き
-def _atomic_write(path: Path, payload: bytes, compress: bool = False) -> None:
+def atomic_write(path: Path, payload: bytes, compress: bool = False) -> None:
     """同じフォルダーの一意な一時ファイルに書いてから ``os.replace`` で置きます。"""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -106,7 +106,7 @@ def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
     path = Path(path)
     header = struct.pack(">HBB", 0, 0x08, array.dim())
     header += struct.pack(f">{array.dim()}I", *array.shape)
-    _atomic_write(path, header + array.contiguous().numpy().tobytes(), path.suffix == ".gz")
+    atomic_write(path, header + array.contiguous().numpy().tobytes(), path.suffix == ".gz")
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
@@ -225,7 +225,7 @@ def _write_manifest(name: str, root: Path, source: str, detail: str,
         "test": counts["test"],
     }
     text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
-    _atomic_write(manifest_path(name, root), text.encode("utf-8"))
+    atomic_write(manifest_path(name, root), text.encode("utf-8"))
     return manifest
 
 
