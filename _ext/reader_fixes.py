@@ -38,7 +38,8 @@ FONTAWESOME_JS = re.compile(
 )
 SEARCH_JS = re.compile(
     r'\s*<script src="[^"]*'
-    r'(?:_static/searchtools\.js|_static/language_data\.js|searchindex\.js)"></script>'
+    r'(?:_static/searchtools\.js|_static/language_data\.js|searchindex\.js'
+    r'|_static/reader-search\.js(?:\?v=[0-9a-f]+)?)"></script>'
 )
 INLINE_SCRIPT = re.compile(r"\n\s*<script>[^<]*</script>")
 IMG_TAG = re.compile(r'<img (?![^>]*loading=)(?=[^>]*src="[^"]*_images/)')

@@ -25,6 +25,7 @@ def test_fix_html_removes_heavy_and_duplicate_scripts_and_fixes_labels():
         '<html><head>\n    <script>const A = 1;</script>\n    <script>const A = 1;</script>\n'
         '<script defer src="../_static/scripts/fontawesome.js?digest=1"></script>\n'
         '<script src="../_static/searchtools.js"></script>\n'
+        '<script src="../_static/reader-search.js?v=f2116ca4"></script>\n'
         '<script defer="defer" src="../_static/mathjax/startup.js?v=4ba68244"></script>'
         "</head><body>"
         '<button class="btn search-button__button" title="検索" aria-label="検索">'
@@ -35,6 +36,7 @@ def test_fix_html_removes_heavy_and_duplicate_scripts_and_fixes_labels():
     out = fix_html(page, is_search_page=False)
     assert out.count("const A = 1;") == 1
     assert "fontawesome.js" not in out and "searchtools.js" not in out
+    assert "reader-search.js" not in out  # 検索ページ専用の修正は、ほかのページでは読まない
     assert '<script defer="defer" src="../_static/mathjax' not in out
     assert 's.src = "../_static/mathjax/startup.js?v=4ba68244"' in out
     assert 'aria-label="検索"' not in out and "<summary>" in out
