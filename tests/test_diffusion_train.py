@@ -9,7 +9,7 @@ import torch
 from diffusion_fixtures import fashion_root, tiny_unet
 
 from torchbook.diffusion import train
-from torchbook.diffusion.checkpoint import load_checkpoint, read_ddpm
+from torchbook.diffusion.checkpoint import load_checkpoint, read_diffusion
 from torchbook.diffusion.schedule import NoiseSchedule
 from torchbook.diffusion.train import EMA, training_loss
 from torchbook.diffusion.unet import UNet
@@ -125,6 +125,6 @@ def test_ctrl_c_saves_a_resumable_state(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train.main([*common, "--steps", "5", "--save-every", "100"])
     assert e.value.code == 130 and "--resume" in capsys.readouterr().out
-    assert read_ddpm(tmp_path / "last.pt")["step"] == 2  # 終えた 2 ステップは残る
+    assert read_diffusion(tmp_path / "last.pt")["step"] == 2  # 終えた 2 ステップは残る
     monkeypatch.setattr(train, "training_loss", real_loss)
     assert train.main([*common, "--steps", "5", "--resume"])["step"] == 5

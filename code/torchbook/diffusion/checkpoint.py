@@ -2,12 +2,15 @@
 
 形式はモデルの種類ごとに 1 つです。
 
-DDPM (``kind == "torchbook-ddpm-v1"``) は ``torch.save`` した辞書です::
+拡散モデルは ``torch.save`` した辞書です。ε を予測する DDPM は
+``kind == "torchbook-ddpm-v1"``、速度 v を予測するフローマッチングのモデルは
+``kind == "torchbook-flow-v1"`` (``"schedule"`` は ``"flow"``) で、中身の形は同じです::
 
     {"kind": "torchbook-ddpm-v1",
      "unet": UNet の構成 (UNet.config),  "schedule": "cosine" など,  "T": 1000,
      "step": 学習ステップ数,  "ema": EMA の state_dict,  "ema_step": EMA の更新回数,
      "extra": 来歴 (学習の記録など),
+     "previews": {ステップ: 同じノイズから作った見本の画像 (uint8)},
      # 以下は学習を再開するためのもの。配布用 (ema_only) のファイルにはありません
      "model": 学習中の重み, "optimizer": ..., "lr_scheduler": ...,
      "rng": torch の乱数の状態, "generator": データを選ぶ乱数の状態}
@@ -38,6 +41,8 @@ from .schedule import NoiseSchedule
 from .unet import UNet
 
 DDPM_KIND = "torchbook-ddpm-v1"
+FLOW_KIND = "torchbook-flow-v1"
+KINDS = {"eps": DDPM_KIND, "flow": FLOW_KIND}  # 学習の目的 (objective) → 形式の名前
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "ddpm_fashion.pt"
 DEFAULT_CLASSIFIER = WEIGHTS_DIR / "fashion_classifier.pt"
@@ -87,28 +92,35 @@ def read_checkpoint(path: str | os.PathLike) -> object:
             f"途中までしか書かれていないファイルではありませんか): {type(e).__name__}") from e
 
 
-def read_ddpm(path: str | os.PathLike) -> dict:
-    """DDPM のチェックポイントの辞書を読み、形式を確かめて返します。"""
+def read_diffusion(path: str | os.PathLike) -> dict:
+    """拡散モデル (DDPM かフローマッチング) のチェックポイントを読み、形式を確かめて返します。"""
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != DDPM_KIND:
-        raise ValueError(f"{path} はこのモジュールの DDPM チェックポイント ({DDPM_KIND}) "
-                         "ではありません")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in KINDS.values():
+        raise ValueError(f"{path} はこのモジュールの拡散モデルのチェックポイント "
+                         f"({DDPM_KIND} か {FLOW_KIND}) ではありません")
     return ckpt
+
+
+def objective_of(ckpt: dict) -> str:
+    """チェックポイントの学習の目的: ε 予測なら "eps"、フローマッチングなら "flow"。"""
+    return "flow" if ckpt["kind"] == FLOW_KIND else "eps"
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_name: str,
                     T: int, extra: dict | None = None, ema_only: bool = False,
                     optimizer: torch.optim.Optimizer | None = None,
                     lr_scheduler=None, step: int = 0,
-                    generator: torch.Generator | None = None) -> None:
-    """DDPM のチェックポイントを保存します。ema_only=True なら EMA の重みだけ (配布用)。
+                    generator: torch.Generator | None = None, objective: str = "eps",
+                    previews: dict[int, torch.Tensor] | None = None) -> None:
+    """拡散モデルのチェックポイントを保存します。ema_only=True なら EMA の重みだけ (配布用)。
 
     ema は ``.model`` (EMA の重みを持つ UNet) と ``.step`` を持つオブジェクトです。
     再開用には最適化器・学習率・乱数の状態も保存し、続きが中断なしと同じになるようにします。
+    objective は "eps" (DDPM) か "flow" (フローマッチング)、previews は学習途中の見本です。
     """
-    ckpt = {"kind": DDPM_KIND, "unet": model.config, "schedule": schedule_name, "T": T,
+    ckpt = {"kind": KINDS[objective], "unet": model.config, "schedule": schedule_name, "T": T,
             "step": step, "ema": ema.model.state_dict(), "ema_step": ema.step,
-            "extra": extra or {}}
+            "extra": extra or {}, "previews": previews or {}}
     if not ema_only:
         ckpt["model"] = model.state_dict()
         ckpt["optimizer"] = optimizer.state_dict() if optimizer else None
@@ -119,9 +131,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_nam
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    channels_last: bool = False) -> tuple[UNet, NoiseSchedule, dict]:
-    """DDPM のチェックポイントから EMA の UNet (評価モード) とスケジュールを作って返します。"""
-    ckpt = read_ddpm(path)
+                    channels_last: bool = False) -> tuple[UNet, NoiseSchedule | None, dict]:
+    """チェックポイントから EMA の UNet (評価モード) とスケジュールを作って返します。
+
+    フローマッチングのモデル (``objective_of(ckpt) == "flow"``) にはノイズスケジュールが
+    ないので、スケジュールは None です (サンプラーはそれを見て解き方を選びます)。
+    """
+    ckpt = read_diffusion(path)
     model = UNet(**ckpt["unet"])
     try:
         model.load_state_dict(ckpt["ema"])
@@ -130,6 +146,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     model = model.float().to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if objective_of(ckpt) == "flow":
+        return model, None, ckpt
     return model, NoiseSchedule.from_name(ckpt["schedule"], ckpt["T"]), ckpt
 
 

@@ -1,4 +1,8 @@
-"""逆過程によるサンプリング: DDPM (祖先サンプリング) と DDIM、classifier-free guidance。"""
+"""逆過程によるサンプリング: DDPM (祖先サンプリング) と DDIM、classifier-free guidance。
+
+フローマッチングのモデル (速度 v を予測) には、常微分方程式 dx/dt = v を t = 1 から 0 へ
+解くオイラー法とホイン法を用意します。
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ DEFAULT_STEPS = 50
 DEFAULT_ETA = 1.0  # η = 1: DDPM と同じ分散のノイズを各ステップで足す
 DEFAULT_SPACING = "trailing"
 DEFAULT_GUIDANCE = 1.0  # s = 1: 条件付きモデルそのもの
+FLOW_METHODS = ("euler", "heun")  # フローマッチングのモデル用
+FLOW_TIME_SCALE = 1000.0  # フローの時刻 t ∈ [0, 1] を UNet には 1000·t として渡す
 
 
 def guided_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor,
@@ -98,8 +104,40 @@ def ddim_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int,
     return x_prev
 
 
+def flow_times(steps: int) -> list[float]:
+    """フローマッチングの ODE を解く時刻 1 = t_0 > t_1 > ... > t_steps = 0 (等間隔)。"""
+    if steps < 1:
+        raise ValueError(f"steps は 1 以上にしてください (受け取ったのは {steps})")
+    return [1 - i / steps for i in range(steps + 1)]
+
+
+def flow_step(predict, x: torch.Tensor, t: float, t_next: float,
+              method: str = "euler") -> torch.Tensor:
+    """フローの ODE dx/dt = v(x, t) を t から t_next (< t) へ 1 ステップ進めます。
+
+    predict(x, t) が速度 v を返す関数です。オイラー法は始点の傾き v だけを使い
+    (1 回の評価)、ホイン法は仮に進んだ先の傾きとの平均を使います (2 回。ただし
+    t_next = 0 の最後の一歩はオイラー法)。
+    """
+    v = predict(x, t)
+    x_next = x + (t_next - t) * v
+    if method == "heun" and t_next > 0:
+        v_next = predict(x_next, t_next)
+        x_next = x + (t_next - t) * (v + v_next) / 2
+    return x_next
+
+
+def nfe(method: str, steps: int, T: int = 1000) -> int:
+    """サンプラーがネットワークを何回評価するか (guidance の 2 倍のバッチも 1 回と数える)。"""
+    if method == "ddpm":
+        return T
+    if method == "heun":
+        return 2 * steps - 1
+    return steps
+
+
 @torch.no_grad()
-def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | None = None,
+def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Tensor | None = None,
            guidance_scale: float = DEFAULT_GUIDANCE, method: str = DEFAULT_METHOD,
            steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA,
            spacing: str = DEFAULT_SPACING, seed: int | None = 0, device: str | torch.device = "cpu",
@@ -110,6 +148,8 @@ def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | 
     - method="ddpm": T ステップの祖先サンプリング (steps は無視)。
     - method="ddim": steps ステップの DDIM (eta=0 で決定的、時刻の選び方は spacing)。
       既定値 (DEFAULT_*) は CLI と共通です。
+    - method="euler" / "heun": フローマッチングのモデル用 (sched=None)。steps ステップで
+      ODE を t = 1 から 0 へ解きます (eta と spacing は使いません)。
     - y: クラス (n,)。None ならクラスなし。guidance_scale は ``guided_eps`` を参照。
     - seed: 同じ seed なら同じ画像 (乱数は CPU の torch.Generator で作ってから移します)。
     - x_T: 出発点のノイズ (n, C, H, W)。省くと seed から引きます。η = 0 の DDIM では
@@ -131,6 +171,29 @@ def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | 
         raise ValueError(f"x_T の形 {tuple(x_T.shape)} がモデルの入力 {shape} と合いません")
     if y is not None:
         y = y.to(device)
+    if (method in FLOW_METHODS) != (sched is None):
+        raise ValueError(f"method={method!r} は使えません: フローマッチングのモデル "
+                         f"(sched=None) には {FLOW_METHODS}、DDPM には 'ddpm' か 'ddim' です")
+    dev_type = torch.device(device).type
+
+    def predict(x: torch.Tensor, t: float | int) -> torch.Tensor:
+        """時刻 t (ε 予測なら整数の番号、フローなら 0〜1) でのモデルの予測 (guidance 込み)。"""
+        if sched is None:
+            tt = torch.full((n,), t * FLOW_TIME_SCALE, device=device)
+        else:
+            tt = torch.full((n,), t, dtype=torch.long, device=device)
+        with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=bf16):
+            return guided_eps(model, x, tt, y, guidance_scale)
+
+    if method in FLOW_METHODS:
+        times = flow_times(steps)
+        traj = [(1.0, x.cpu())] if trajectory_every else None
+        for i in tqdm(range(steps), desc=method, disable=not progress):
+            x = flow_step(predict, x, times[i], times[i + 1], method)
+            if trajectory_every and (i + 1) % trajectory_every == 0:
+                traj.append((times[i + 1], x.cpu()))
+        x = x.clamp(-1, 1).cpu()
+        return (x, traj) if trajectory_every else x
     if method == "ddpm":
         times = list(reversed(range(sched.T)))
     elif method == "ddim":
@@ -138,11 +201,8 @@ def sample(model: nn.Module, sched: NoiseSchedule, n: int, *, y: torch.Tensor | 
     else:
         raise ValueError(f"method は 'ddpm' か 'ddim' です (受け取ったのは {method!r})")
     traj = [(sched.T, x.cpu())] if trajectory_every else None
-    dev_type = torch.device(device).type
     for i, t in enumerate(tqdm(times, desc=method, disable=not progress)):
-        tt = torch.full((n,), t, dtype=torch.long, device=device)
-        with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=bf16):
-            eps = guided_eps(model, x, tt, y, guidance_scale)
+        eps = predict(x, t)
         if method == "ddpm":
             x = ddpm_step(sched, eps, t, x, randn() if t > 0 else None)
         else:

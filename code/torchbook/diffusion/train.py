@@ -1,8 +1,12 @@
-"""DDPM の学習 (ε 予測) と、その CLI。
+"""DDPM (ε 予測) とフローマッチング (速度 v 予測) の学習と、その CLI。
 
 例 (CPU で数分の試し。このフォルダーをコピーした先では ``torchbook.`` を除きます)::
 
     python -m torchbook.diffusion.train --data-root data --download --steps 500 --out runs/ddpm
+    python -m torchbook.diffusion.train --objective flow --steps 500 --out runs/flow
+
+``--save-every`` ごとに、決まったノイズから作った 10 枚 (クラス 0〜9) の見本を
+チェックポイントの ``previews`` に残します (学習が進むと画像がどう良くなるかの記録)。
 
 途中から再開するときは同じコマンドに ``--resume`` を付けます。Ctrl-C で止めると
 そこまでを ``last.pt`` に保存して終わるので、``--resume`` で続きから学習できます。
@@ -29,14 +33,19 @@ from .checkpoint import (
     atomic_write_text,
     command_line,
     git_commit,
-    read_ddpm,
+    objective_of,
+    read_diffusion,
     restore_training,
     save_checkpoint,
 )
 from .data import load_tensors
 from .device import fast_formats, get_device
+from .sampling import FLOW_TIME_SCALE, sample
 from .schedule import NoiseSchedule
 from .unet import UNet
+
+PREVIEW_SEED = 1234  # 見本のノイズのシード (どのステップでも同じノイズから作る)
+PREVIEW_STEPS = 20  # 見本を作るサンプラーのステップ数
 
 
 def training_loss(model: nn.Module, sched: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor,
@@ -53,6 +62,37 @@ def training_loss(model: nn.Module, sched: NoiseSchedule, x0: torch.Tensor, y: t
     y = torch.where(drop, torch.full_like(y, model.null_class), y)
     x_t = sched.q_sample(x0, t, noise)
     return F.mse_loss(model(x_t, t, y).float(), noise)
+
+
+def flow_matching_loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
+                       p_uncond: float = 0.1,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """フローマッチング (rectified flow) の損失 ‖v - v_θ(x_t, t, y)‖²。
+
+    x_t = (1 - t)·x_0 + t·ε は x_0 (t = 0) と純粋なノイズ ε (t = 1) を結ぶ直線上の点で、
+    その速度 v = dx_t/dt = ε - x_0 を予測させます。t は 0〜1 から一様に選びます。
+    ラベルを落とす扱いは ``training_loss`` と同じです。
+    """
+    n = x0.shape[0]
+    t = torch.rand(n, generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    drop = torch.rand(n, generator=generator).to(x0.device) < p_uncond
+    y = torch.where(drop, torch.full_like(y, model.null_class), y)
+    tb = t.view(-1, 1, 1, 1).to(x0.dtype)
+    x_t = (1 - tb) * x0 + tb * noise
+    return F.mse_loss(model(x_t, t * FLOW_TIME_SCALE, y).float(), noise - x0)
+
+
+def preview(model: nn.Module, sched: NoiseSchedule | None, device: torch.device,
+            bf16: bool = False) -> torch.Tensor:
+    """決まったノイズからクラス 0〜9 を 1 枚ずつ作り、uint8 (10, 1, H, W) で返します。
+
+    DDPM は η = 0 の DDIM、フローマッチングはオイラー法で、どちらも PREVIEW_STEPS ステップ。
+    """
+    method = "euler" if sched is None else "ddim"
+    x = sample(model, sched, 10, y=torch.arange(10), method=method, steps=PREVIEW_STEPS,
+               eta=0.0, seed=PREVIEW_SEED, device=device, bf16=bf16)
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 class EMA:
@@ -87,7 +127,8 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Fashion-MNIST で DDPM (ε 予測、クラス条件付き) を学習します")
+        description="Fashion-MNIST で DDPM (ε 予測) かフローマッチングのモデル (v 予測) を"
+                    "クラス条件付きで学習します")
     p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
     p.add_argument("--download", action="store_true",
                    help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
@@ -100,7 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=options.probability, default=0.999)
     p.add_argument("--p-uncond", type=options.probability, default=0.1,
                    help="ラベルを落とす確率 (CFG 用)")
-    p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"])
+    p.add_argument("--objective", default="eps", choices=["eps", "flow"],
+                   help="eps: DDPM (ε 予測)、flow: フローマッチング (速度 v 予測)")
+    p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"],
+                   help="DDPM のノイズスケジュール (--objective flow では使いません)")
     p.add_argument("--T", type=options.positive_int, default=1000, help="拡散のステップ数")
     p.add_argument("--channels", type=options.channel_list, default=(32, 64, 128),
                    help="各解像度のチャンネル数 (例: 32,64,128)")
@@ -170,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.limit:
         x_all, y_all = x_all[: args.limit], y_all[: args.limit]
 
-    sched = NoiseSchedule.from_name(args.schedule, args.T)
+    flow = args.objective == "flow"
+    sched = None if flow else NoiseSchedule.from_name(args.schedule, args.T)
+    schedule_name = "flow" if flow else args.schedule
     model = UNet(channels=args.channels, patch_size=args.patch_size).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -179,10 +225,13 @@ def main(argv: list[str] | None = None) -> dict:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, args.warmup, args.steps))
     last = Path(args.out) / "last.pt"
-    step, history, elapsed_before = 0, [], 0.0
+    step, history, elapsed_before, cpu_before, previews = 0, [], 0.0, 0.0, {}
     if args.resume:
-        ckpt = read_ddpm(last)
-        if ckpt["schedule"] != args.schedule or ckpt["T"] != args.T:
+        ckpt = read_diffusion(last)
+        if objective_of(ckpt) != args.objective:
+            raise SystemExit(f"{last} は --objective {objective_of(ckpt)} の学習です。"
+                             "同じ --objective で再開してください")
+        if ckpt["schedule"] != schedule_name or ckpt["T"] != args.T:
             raise SystemExit(f"{last} は別のスケジュール ({ckpt['schedule']}, T={ckpt['T']}) "
                              "の学習です。同じ --schedule と --T で再開してください")
         try:
@@ -191,27 +240,34 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{last}: {e}") from None
         history = ckpt["extra"].get("history", [])
         elapsed_before = ckpt["extra"].get("wall_seconds", 0.0)
+        cpu_before = ckpt["extra"].get("cpu_seconds", 0.0)
+        previews = ckpt.get("previews", {})
         print(f"{last} のステップ {step} から再開します")
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"UNet {args.channels} patch {args.patch_size}: {n_params:,} パラメーター, "
           f"device={device}, bf16={bf16}, channels_last={channels_last}, "
           f"threads={torch.get_num_threads()}")
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     running, count = 0.0, 0
     stopped_early = False
 
     def extra() -> dict:
         return {"history": history, "wall_seconds": elapsed_before + time.time() - t_start,
+                # プロセスの CPU 時間 (全スレッドの合計)。計算量の比較にはこちらを使う
+                "cpu_seconds": cpu_before + time.process_time() - cpu_start,
                 "args": {k: (list(v) if isinstance(v, tuple) else str(v)
                              if isinstance(v, torch.device) else v)
                          for k, v in vars(args).items()},
                 "n_params": n_params}
 
     def save() -> None:
-        if not args.dry_run:
-            save_checkpoint(last, model, ema, args.schedule, args.T, extra(), False,
-                            opt, lr_sched, step, gen)
+        if args.dry_run:
+            return
+        if step not in previews:
+            previews[step] = preview(ema.model, sched, device, bf16)
+        save_checkpoint(last, model, ema, schedule_name, args.T, extra(), False,
+                        opt, lr_sched, step, gen, args.objective, previews)
 
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=5,
@@ -224,7 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
             if channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = training_loss(model, sched, x0, y, args.p_uncond, gen)
+                if flow:
+                    loss = flow_matching_loss(model, x0, y, args.p_uncond, gen)
+                else:
+                    loss = training_loss(model, sched, x0, y, args.p_uncond, gen)
             loss_value = loss.item()  # GPU と同期するのは 1 ステップに 1 回だけ
             if not math.isfinite(loss_value):  # NaN の重みで良いチェックポイントを上書きしない
                 raise SystemExit(f"ステップ {step + 1} で損失が {loss_value} になりました。"
@@ -268,8 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "cpu": platform.processor() or platform.machine(),
                 "python": platform.python_version(), "torch": str(torch.__version__),
                 **summary}
-        save_checkpoint(args.export, model, ema, args.schedule, args.T, info, ema_only=True,
-                        step=step)
+        save_checkpoint(args.export, model, ema, schedule_name, args.T, info, ema_only=True,
+                        step=step, objective=args.objective, previews=previews)
         atomic_write_text(Path(args.export).with_suffix(".json"),
                           json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
         print(f"EMA の重みを {args.export} に書きました")
