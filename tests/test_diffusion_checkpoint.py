@@ -38,7 +38,7 @@ def test_round_trip_and_wrong_architecture(tmp_path):
     with pytest.raises(ValueError, match="構造"):
         load_checkpoint(tmp_path / "bad.pt")
     torch.save(model.state_dict(), tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match="DDPM"):
+    with pytest.raises(ValueError, match="拡散モデルのチェックポイント"):
         load_checkpoint(tmp_path / "plain.pt")
 
 
