@@ -90,6 +90,27 @@ def test_flow_loss_targets_the_velocity():
     assert loss_wrong.item() > 0.1
 
 
+def test_logit_normal_time_sampling_favours_the_middle():
+    seen = []
+
+    class Recording(_Velocity):
+        def forward(self, x, t, y=None):
+            seen.append(t / sampling.FLOW_TIME_SCALE)
+            return super().forward(x, t, y)
+
+    x0 = torch.zeros(4000, 1, 2, 2)
+    for mode in ["uniform", "logit-normal"]:
+        train.flow_matching_loss(Recording(0.0), x0, torch.zeros(4000, dtype=torch.long), 0.0,
+                                 torch.Generator().manual_seed(0), mode)
+    uniform, logit = seen
+    middle = lambda t: ((t > 0.25) & (t < 0.75)).float().mean().item()  # noqa: E731
+    assert middle(uniform) == pytest.approx(0.5, abs=0.03)
+    assert middle(logit) > 0.6  # sigmoid(N(0,1)) の中ほど: P(|z| < log 3) ≈ 0.73
+    with pytest.raises(ValueError, match="time_sampling"):
+        train.flow_matching_loss(Recording(0.0), x0, torch.zeros(4000, dtype=torch.long), 0.0,
+                                 None, "cosine")
+
+
 def _common(out) -> list[str]:
     return ["--data-root", str(fashion_root()), "--out", str(out), "--channels", "16,32",
             "--threads", "1", "--limit", "64", "--batch-size", "8", "--save-every", "2",

@@ -65,16 +65,22 @@ def training_loss(model: nn.Module, sched: NoiseSchedule, x0: torch.Tensor, y: t
 
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
-                       p_uncond: float = 0.1,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       p_uncond: float = 0.1, generator: torch.Generator | None = None,
+                       time_sampling: str = "uniform") -> torch.Tensor:
     """フローマッチング (rectified flow) の損失 ‖v - v_θ(x_t, t, y)‖²。
 
     x_t = (1 - t)·x_0 + t·ε は x_0 (t = 0) と純粋なノイズ ε (t = 1) を結ぶ直線上の点で、
-    その速度 v = dx_t/dt = ε - x_0 を予測させます。t は 0〜1 から一様に選びます。
-    ラベルを落とす扱いは ``training_loss`` と同じです。
+    その速度 v = dx_t/dt = ε - x_0 を予測させます。t は 0〜1 から選びます:
+    "uniform" は一様、"logit-normal" は sigmoid(N(0, 1)) で中ほどの t を多めにします
+    (Esser et al. 2024)。ラベルを落とす扱いは ``training_loss`` と同じです。
     """
     n = x0.shape[0]
-    t = torch.rand(n, generator=generator).to(x0.device)
+    if time_sampling == "uniform":
+        t = torch.rand(n, generator=generator).to(x0.device)
+    elif time_sampling == "logit-normal":
+        t = torch.sigmoid(torch.randn(n, generator=generator)).to(x0.device)
+    else:
+        raise ValueError(f"time_sampling は 'uniform' か 'logit-normal' です ({time_sampling!r})")
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     drop = torch.rand(n, generator=generator).to(x0.device) < p_uncond
     y = torch.where(drop, torch.full_like(y, model.null_class), y)
@@ -143,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ラベルを落とす確率 (CFG 用)")
     p.add_argument("--objective", default="eps", choices=["eps", "flow"],
                    help="eps: DDPM (ε 予測)、flow: フローマッチング (速度 v 予測)")
+    p.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit-normal"],
+                   help="フローマッチングで t をどう選ぶか (--objective eps では使いません)")
     p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"],
                    help="DDPM のノイズスケジュール (--objective flow では使いません)")
     p.add_argument("--T", type=options.positive_int, default=1000, help="拡散のステップ数")
@@ -281,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 if flow:
-                    loss = flow_matching_loss(model, x0, y, args.p_uncond, gen)
+                    loss = flow_matching_loss(model, x0, y, args.p_uncond, gen,
+                                              args.time_sampling)
                 else:
                     loss = training_loss(model, sched, x0, y, args.p_uncond, gen)
             loss_value = loss.item()  # GPU と同期するのは 1 ステップに 1 回だけ
