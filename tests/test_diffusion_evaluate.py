@@ -1,4 +1,5 @@
-"""evaluate CLI: DPM-Solver++ とフローのタスク、モデルの種類の確認、test の規則、NFE ごとの選択。"""
+"""evaluate と sample の CLI: DPM-Solver++ とフローの方法、モデルの種類の確認、test の規則、
+NFE ごとの選択。"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from diffusion_fixtures import WEIGHTS, fashion_root, tiny_unet
 
-from torchbook.diffusion import evaluate
+from torchbook.diffusion import evaluate, sample
 from torchbook.diffusion.checkpoint import save_checkpoint
 
 
@@ -122,3 +123,19 @@ def test_evaluate_records_method_and_nfe(objective, tasks, nfes, tmp_path):
         assert entry["method"] == evaluate.parse_task(task)["method"]
         assert entry["fid"] > 0
     assert json.loads(out.read_text())["eval"].keys() == res.keys()
+
+
+def test_sample_cli_accepts_new_methods_and_refuses_mismatches(tmp_path, capsys):
+    flow = tiny_checkpoint(tmp_path / "flow.pt", "flow")
+    eps = tiny_checkpoint(tmp_path / "eps.pt", "eps")
+    out = ["--out", str(tmp_path / "g.png"), "-n", "2", "--steps", "2", "--device", "cpu"]
+    for ckpt, method in [(flow, "ddim"), (flow, "dpm++2m"), (eps, "heun"), (eps, "euler")]:
+        with pytest.raises(SystemExit) as e:
+            sample.parse_args([*out, "--checkpoint", str(ckpt), "--method", method])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--method" in err.strip().splitlines()[-1]
+    for ckpt, method in [(flow, "euler"), (flow, "heun"), (eps, "dpm++2m")]:
+        x = sample.main([*out, "--checkpoint", str(ckpt), "--method", method])
+        assert x.shape == (2, 1, 32, 32) and (tmp_path / "g.png").is_file()
+    x = sample.main([*out, "--dry-run", "--method", "heun"])
+    assert x.shape[0] == 2
