@@ -7,8 +7,14 @@
 2. 時刻埋め込みが学習ステップに占める割合。
 3. 生成の速さ: DDIM 50 ステップと DDPM 1000 ステップの 1 枚あたりの時間。
 4. 来歴 JSON の評価 (evaluate CLI): val で選んだサンプラーと、test での 1 回の測定。
+5. FID と NFE の表 (来歴 JSON から): DDIM η=0・η=1、DPM-Solver++ 2M (ddpm_fashion.json)、
+   フローマッチングの Euler・Heun (flow_fashion.json があれば)。val と test の各 FID の隣に、
+   同じ n の本物どうしの参照水準との比を並べます (``booktools.sampler_table``)。
+   ``--live-n 100`` を付けると、NFE 10 の数セルを今のコードで小さな n で測り直します。
 
     OMP_NUM_THREADS=1 python benchmarks/diffusion_bench.py --threads 1
+    python benchmarks/diffusion_bench.py --fid-nfe               # 5. の表だけ (すぐ終わります)
+    OMP_NUM_THREADS=1 python benchmarks/diffusion_bench.py --fid-nfe --live-n 100 --threads 1
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchbook.diffusion.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from booktools.sampler_table import fid_nfe_table, format_table, measure_live, read_evals
+from torchbook.diffusion.checkpoint import DEFAULT_CHECKPOINT, WEIGHTS_DIR, load_checkpoint
 from torchbook.diffusion.device import bf16_supported
 from torchbook.diffusion.sampling import sample
 from torchbook.diffusion.schedule import NoiseSchedule
@@ -30,6 +37,9 @@ from torchbook.diffusion.train import training_loss
 from torchbook.diffusion.unet import UNet, timestep_embedding
 
 ARTICLE = "入門記事のモデル"
+FLOW_CHECKPOINT = WEIGHTS_DIR / "flow_fashion.pt"
+LIVE_TASKS = {DEFAULT_CHECKPOINT: ["ddim:10:0", "ddim:10:1", "dpm:10"],
+              FLOW_CHECKPOINT: ["euler:10", "heun:5"]}  # NFE 10 (Heun は 9) のセル
 
 # ------------------------------------------------ 入門記事のモデル (記事に書かれたとおり)
 
@@ -149,15 +159,51 @@ def article_step(model, x, bf16):
     return step
 
 
+def fid_nfe_report(n: int, guidance: float, live_n: int | None) -> None:
+    """5. FID と NFE の表 (来歴 JSON) と、必要なら小さな n での測り直し。"""
+    paths = [DEFAULT_CHECKPOINT.with_suffix(".json"), FLOW_CHECKPOINT.with_suffix(".json")]
+    found = [path.name for path in paths if path.is_file()]
+    rows = fid_nfe_table(read_evals(paths), n, guidance)
+    print(f"\nFID と NFE (来歴 JSON {', '.join(found)}、n = {n}、guidance s = {guidance:g}。"
+          "比 = FID ÷ 同じ split・n の本物どうしの FID の平均)")
+    print(format_table(rows) if rows else "  (この n と s で測った結果がありません)")
+    if not live_n:
+        return
+    print(f"\n今のコードで測り直し (val、n = {live_n}、CPU・fp32、threads="
+          f"{torch.get_num_threads()}。n が小さいので FID は大きく出ます。比を見てください)")
+    for ckpt, tasks in LIVE_TASKS.items():
+        if not ckpt.is_file():
+            print(f"  {ckpt.name} がないので飛ばします")
+            continue
+        res = measure_live(ckpt, tasks, live_n)
+        ref = res["reference"]["fid_mean"]
+        print(f"  {ckpt.name}: 参照水準 {ref:.2f}")
+        for task, r in res.items():
+            if task != "reference":
+                print(f"    {task:<14} NFE {r['nfe']:>3}  FID {r['fid']:6.2f} "
+                      f"({r['fid'] / ref:.2f}×)  {r['seconds']:.1f} 秒")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--sample-n", type=int, default=8, help="生成の速さを測る枚数")
+    p.add_argument("--fid-nfe", action="store_true",
+                   help="FID と NFE の表 (来歴 JSON) だけを表示する (速さは測らない)")
+    p.add_argument("--n", type=int, default=1000, help="表に使う評価の枚数 (来歴 JSON の n)")
+    p.add_argument("--guidance", type=float, default=1.0, help="表に使う guidance s")
+    p.add_argument("--live-n", type=int, default=None,
+                   help="この枚数で NFE 10 の数セルを今のコードで測り直す (例: 100)")
     args = p.parse_args()
+    if args.live_n is not None and (args.live_n % 10 or not 20 <= args.live_n <= 2500):
+        p.error(f"--live-n は 10 の倍数で 20〜2500 にしてください (受け取ったのは {args.live_n})")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fid_nfe:
+        fid_nfe_report(args.n, args.guidance, args.live_n)
+        return
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 1, 32, 32) * 2 - 1
     y = torch.randint(0, 10, (args.batch_size,))
@@ -247,6 +293,7 @@ def main() -> None:
         if test and test_ref:
             print(f"→ test ({n} 枚、1 回だけ): {sel['chosen']} の FID {test['fid']:.2f}、"
                   f"本物どうし {test_ref['fid_min']:.2f}〜{test_ref['fid_max']:.2f}")
+    fid_nfe_report(args.n, args.guidance, args.live_n)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""学習済み DDPM の評価 (FID・KID・分類器の正解率・生成時間) を計算して JSON に書く CLI。
+"""学習済みの拡散モデルの評価 (FID・KID・分類器の正解率・生成時間) を計算して JSON に書く CLI。
 
 本物の参照画像は Fashion-MNIST のテスト画像 10,000 枚を、クラスごとに半分ずつ
 ``val`` と ``test`` に分けたものです (``metrics.split_matrix``、シード固定)。
-サンプラー (η・ステップ数・guidance) は ``val`` で選び (``--choose``)、選んだもの
-だけを ``test`` で 1 回測ります。``test`` で測れるのは ``reference`` と ``chosen`` だけです。
+サンプラー (方法・ステップ数・η・guidance) は ``val`` で測って選びます (``--choose``)。
+``test`` で測れるのは ``reference``、``chosen``、それに同じチェックポイント・同じ n で
+``val`` で測り済みのタスクだけです (格子を決めるのは val で、test はそれを報告するだけ)。
+``--choose`` は FID が最小のもの (``chosen``) と、NFE (ネットワークの評価回数) の予算
+5, 10, 20, 50, 100 ごとの最良 (``best_per_nfe``) を記録します。
 
 例::
 
@@ -13,9 +16,12 @@
     python -m torchbook.diffusion.evaluate --data-root data --split test --n 1000 \\
         --tasks reference chosen --out runs/eval.json
 
-タスク: ``reference`` (同じ枚数の本物どうしの FID とそのばらつき)、
-``ddim:<steps>[:<eta>[:<s>]]``、``ddpm[:<s>]`` (1000 ステップ)、``chosen`` (JSON の
-``selection`` で選ばれたサンプラー)。省いた値は sample() と同じ既定値です。
+タスク: ``reference`` (同じ枚数の本物どうしの FID とそのばらつき)、``chosen`` (JSON の
+``selection`` で選ばれたサンプラー)。ε を予測する DDPM のチェックポイントには
+``ddim:<steps>[:<eta>[:<s>]]``、``dpm:<steps>[:<s>]`` (DPM-Solver++ 2M)、``ddpm[:<s>]``
+(1000 ステップ)、フローマッチングのチェックポイントには ``euler:<steps>[:<s>]`` と
+``heun:<steps>[:<s>]`` です。省いた値は sample() と同じ既定値です。
+どの結果にも ``method`` と ``nfe`` (``sampling.nfe``) を記録します。
 生成にはクラス 0〜9 を均等に割り当てます。どのタスクもクラスの正解率を一緒に測ります。
 結果は ``--out`` の JSON の ``"eval"`` に 1 項目ずつ追記します (途中で止まっても
 済んだ分は残ります)。キーは ``<split>/<タスク>@<n>`` (例: ``val/ddim:50:1:1@1000``) です。
@@ -41,6 +47,8 @@ from .checkpoint import (
     command_line,
     load_checkpoint,
     load_classifier,
+    objective_of,
+    read_diffusion,
 )
 from .data import load_tensors
 from .device import fast_formats, get_device
@@ -52,7 +60,15 @@ from .metrics import (
     real_reference,
     score_samples,
 )
-from .sampling import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_SPACING, DEFAULT_STEPS, sample_many
+from .sampling import (
+    DEFAULT_ETA,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    FLOW_METHODS,
+    nfe,
+    sample_many,
+)
 
 try:
     import fcntl
@@ -60,7 +76,10 @@ except ImportError:  # Windows
     fcntl = None
 
 DEFAULT_OUT = Path("runs") / "ddpm_eval.json"
-TASK_HELP = "reference, chosen, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]]"
+TASK_HELP = ("reference, chosen, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], dpm:<steps>[:<s>], "
+             "euler:<steps>[:<s>], heun:<steps>[:<s>]")
+NFE_BUDGETS = (5, 10, 20, 50, 100)  # best_per_nfe を記録する NFE の予算
+T_DDPM = 1000  # ddpm タスクの NFE (チェックポイントの T。同梱のモデルは 1000)
 
 
 def balanced_labels(n: int) -> torch.Tensor:
@@ -74,6 +93,8 @@ def parse_task(task: str) -> dict:
         return {"task": task}
     name, *args = task.split(":")
     try:
+        if any(a.strip().lower() in ("nan", "inf", "-inf", "+inf") for a in args):
+            raise ValueError
         if name == "ddim" and 1 <= len(args) <= 3:
             steps = int(args[0])
             eta = float(args[1]) if len(args) > 1 else DEFAULT_ETA
@@ -83,6 +104,16 @@ def parse_task(task: str) -> dict:
             kwargs = {"method": "ddim", "steps": steps, "eta": eta, "spacing": DEFAULT_SPACING,
                       "guidance_scale": s}
             kwargs["task"] = f"ddim:{steps}:{eta:g}:{s:g}"
+        elif name in ("dpm", *FLOW_METHODS) and 1 <= len(args) <= 2:
+            steps = int(args[0])
+            s = float(args[1]) if len(args) > 1 else DEFAULT_GUIDANCE
+            if steps < 1:
+                raise ValueError
+            method = "dpm++2m" if name == "dpm" else name
+            kwargs = {"method": method, "steps": steps, "guidance_scale": s,
+                      "task": f"{name}:{steps}:{s:g}"}
+            if name == "dpm":
+                kwargs["spacing"] = DEFAULT_SPACING
         elif name == "ddpm" and len(args) <= 1:
             s = float(args[0]) if args else DEFAULT_GUIDANCE
             kwargs = {"method": "ddpm", "guidance_scale": s, "task": f"ddpm:{s:g}"}
@@ -91,6 +122,20 @@ def parse_task(task: str) -> dict:
     except ValueError:
         raise ValueError(f"未知のタスク {task!r}: {TASK_HELP} のどれかにしてください") from None
     return kwargs
+
+
+def task_nfe(kwargs: dict, T: int = T_DDPM) -> int:
+    """タスクのネットワーク評価回数 (reference は 0)。"""
+    if kwargs["task"] == "reference":
+        return 0
+    return nfe(kwargs["method"], kwargs.get("steps", 0), T)
+
+
+def task_objective(kwargs: dict) -> str | None:
+    """タスクが要るモデルの種類: "flow"、"eps"、どちらでもよい reference なら None。"""
+    if kwargs["task"] == "reference":
+        return None
+    return "flow" if kwargs["method"] in FLOW_METHODS else "eps"
 
 
 def entry_key(split: str, task: str, n: int) -> str:
@@ -124,20 +169,38 @@ def add_entry(path: Path, key: str, value: dict) -> None:
     update_json(path, lambda data: data.setdefault("eval", {}).__setitem__(key, value))
 
 
+def best_per_nfe(cands: dict[str, float], nfes: dict[str, int],
+                 budgets: tuple[int, ...] = NFE_BUDGETS) -> dict[str, dict]:
+    """NFE の予算ごとに、nfe ≤ 予算の候補で FID が最小のもの ({"5": {task, fid, nfe}, ...})。"""
+    best = {}
+    for budget in budgets:
+        within = [t for t in cands if nfes[t] <= budget]
+        if within:
+            task = min(within, key=cands.get)
+            best[str(budget)] = {"task": task, "fid": cands[task], "nfe": nfes[task]}
+    return best
+
+
 def choose(path: Path, n: int, command: str) -> dict:
-    """JSON の val の結果 (枚数 n) から FID が最小のサンプラーを選び、"selection" に書きます。"""
+    """JSON の val の結果 (枚数 n) から FID が最小のサンプラーを選び、"selection" に書きます。
+
+    NFE の予算ごとの最良 (``best_per_nfe``) も一緒に記録します。
+    """
     ev = read_json(path).get("eval", {})
-    cands = {v["task"]: v["fid"] for v in ev.values()
-             if v.get("split") == "val" and v.get("n") == n and v.get("task") != "reference"}
+    vals = [v for v in ev.values()
+            if v.get("split") == "val" and v.get("n") == n and v.get("task") != "reference"]
+    cands = {v["task"]: v["fid"] for v in vals}
     if not cands:
         raise ValueError(f"{path} に val・n = {n} のサンプラーの結果がありません。"
                          "先に --split val --tasks ddim:... で測ってください")
+    nfes = {v["task"]: v.get("nfe", task_nfe(parse_task(v["task"]))) for v in vals}
     chosen = min(cands, key=cands.get)
     ref = ev.get(entry_key("val", "reference", n), {})
     selection = {
         "split": "val", "n": n, "rule": "val の FID が最小のサンプラー",
         "candidates": dict(sorted(cands.items(), key=lambda kv: kv[1])),
-        "chosen": chosen, "chosen_fid": cands[chosen],
+        "chosen": chosen, "chosen_fid": cands[chosen], "chosen_nfe": nfes[chosen],
+        "best_per_nfe": best_per_nfe(cands, nfes),
         "reference_fid_range": [ref.get("fid_min"), ref.get("fid_max")],
         "command": command,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -153,7 +216,7 @@ def run_task(kwargs: dict, model, sched, clf, images: torch.Tensor, labels: torc
     t0 = time.time()
     if kwargs["task"] == "reference":
         res = real_reference(clf, images, labels, split, n)
-        return {**res, "seconds": time.time() - t0}
+        return {**res, "seconds": time.time() - t0, "method": "reference", "nfe": 0}
     y = balanced_labels(n)
     sample_kwargs = {k: v for k, v in kwargs.items() if k != "task"}
     x = sample_many(model, sched, n, batch_size=batch_size, seed=seed, y=y, device=device,
@@ -162,12 +225,15 @@ def run_task(kwargs: dict, model, sched, clf, images: torch.Tensor, labels: torc
     ref = images[balanced_blocks(labels, split, n)[0]]
     res = score_samples(clf, x, ref)
     res.update(kwargs, seconds=seconds, seconds_per_image=seconds / n,
-               accuracy=classifier_accuracy(clf, x, y))
+               accuracy=classifier_accuracy(clf, x, y),
+               nfe=task_nfe(kwargs, sched.T if sched is not None else T_DDPM))
     return res
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="DDPM の FID/KID/正解率/時間を測って JSON に書きます")
+    p = argparse.ArgumentParser(
+        description="拡散モデル (DDPM かフローマッチング) の FID/KID/正解率/時間を測り、"
+        "JSON に書きます")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help=f"結果を書き足す JSON (既定: {DEFAULT_OUT})")
@@ -176,13 +242,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Fashion-MNIST が無ければ torchvision でダウンロードする")
     p.add_argument("--classifier", default=None, help="分類器の重み (既定: 同梱の重み)")
     p.add_argument("--split", choices=SPLITS, default="val",
-                   help="参照画像: val (選ぶため) か test (選んだものを報告するため)")
+                   help="参照画像: val (測って選ぶため) か test (reference・chosen と、"
+                   "val で測り済みのタスクを報告するため)")
     p.add_argument("--n", type=options.reference_count, default=1000,
                    help="生成枚数 (= 比べる本物の枚数、10 の倍数で 2500 まで)")
     p.add_argument("--tasks", nargs="+", default=["reference", f"ddim:{DEFAULT_STEPS}"],
                    help=f"{TASK_HELP} (既定は参照レベルと、sample の既定のサンプラー)")
     p.add_argument("--choose", action="store_true",
-                   help="測らずに、--out にある val の結果からサンプラーを選んで記録する")
+                   help="測らずに、--out にある val の結果からサンプラー (最良と、"
+                   "NFE の予算ごとの最良) を選んで記録する")
     p.add_argument("--batch-size", type=options.positive_int, default=500)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=options.positive_int, default=None)
@@ -197,29 +265,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.parsed = [parse_task(t) for t in args.tasks]
     except ValueError as e:
         p.error(str(e))
-    if args.split == "test" and any(k["task"] not in ("reference", "chosen")
-                                    for k in args.parsed):
-        p.error("--split test で測れるのは reference と chosen だけです "
-                "(サンプラーは val で選び、test では選んだものを 1 回だけ測ります)")
+    allowed_on_test = {"reference"}  # val で選んだもの (chosen) もここに足す
     if any(k["task"] == "chosen" for k in args.parsed):
         sel = read_json(args.out).get("selection")
         if not sel:
             p.error(f"{args.out} に selection がありません。先に --choose で選んでください")
         args.parsed = [parse_task(sel["chosen"]) if k["task"] == "chosen" else k
                        for k in args.parsed]
+        allowed_on_test.add(sel["chosen"])
     if not Path(args.checkpoint).is_file():
         p.error(f"--checkpoint {args.checkpoint} がありません")
     if args.classifier is not None and not Path(args.classifier).is_file():
         p.error(f"--classifier {args.classifier} がありません")
+    try:
+        objective = objective_of(read_diffusion(args.checkpoint))
+    except ValueError as e:
+        p.error(str(e))
+    for k in args.parsed:
+        need = task_objective(k)
+        if need is not None and need != objective:
+            model_kind = "フローマッチング" if objective == "flow" else "ε を予測する DDPM"
+            usable = "euler:<steps>, heun:<steps>" if objective == "flow" else \
+                "ddim:<steps>, dpm:<steps>, ddpm"
+            p.error(f"タスク {k['task']} は --checkpoint {args.checkpoint} ({model_kind}) "
+                    f"には使えません。使えるのは reference と {usable} です")
+    if args.split == "test":
+        check_test_tasks(p, args, allowed_on_test)
     return args
+
+
+def check_test_tasks(p: argparse.ArgumentParser, args: argparse.Namespace,
+                     allowed: set[str]) -> None:
+    """test で測れるのは reference・chosen と、同じチェックポイント・同じ n で val で測ったもの。"""
+    ev = read_json(args.out).get("eval", {})
+    ckpt = os.path.basename(args.checkpoint)
+    for k in args.parsed:
+        if k["task"] in allowed:
+            continue
+        val = ev.get(entry_key("val", k["task"], args.n))
+        if val is None or val.get("checkpoint") != ckpt:
+            p.error(f"--split test で測れるのは reference、chosen と、{args.out} で同じ "
+                    f"--checkpoint・--n {args.n} で val を測り済みのタスクだけです "
+                    f"({k['task']} は val で先に測ってください。選ぶのは val です)")
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = command_line(__spec__.name if __spec__ else __name__, argv)
     if args.choose:
-        sel = choose(args.out, args.n, command)
+        try:
+            sel = choose(args.out, args.n, command)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         print(f"選んだサンプラー: {sel['chosen']} (val FID {sel['chosen_fid']:.3f})")
+        for budget, best in sel["best_per_nfe"].items():
+            print(f"  NFE ≤ {budget:>3}: {best['task']} (NFE {best['nfe']}、val FID "
+                  f"{best['fid']:.3f})")
         return sel
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -248,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
         key = entry_key(args.split, kwargs["task"], args.n)
         add_entry(args.out, key, res)
         results[key] = res
-        print(key, {k: round(res[k], 4) for k in ("fid", "fid_mean", "accuracy", "seconds")
+        print(key, {k: round(res[k], 4) for k in ("fid", "fid_mean", "accuracy", "seconds", "nfe")
                     if k in res}, flush=True)
     return results
 

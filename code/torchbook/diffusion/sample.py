@@ -1,10 +1,16 @@
-"""学習済みの DDPM から画像を生成し、格子状に並べた PNG を書く CLI。
+"""学習済みの拡散モデル (DDPM かフローマッチング) から画像を生成し、格子状に並べた PNG を書く CLI。
 
 例 (このフォルダーをコピーした先では ``torchbook.`` を除きます)::
 
     python -m torchbook.diffusion.sample --out samples.png
     python -m torchbook.diffusion.sample --eta 0 --steps 20 --out ddim20.png
     python -m torchbook.diffusion.sample --class-grid --guidance 3 --out classes.png
+    python -m torchbook.diffusion.sample --method dpm++2m --steps 10 --out dpm10.png
+    python -m torchbook.diffusion.sample --checkpoint flow.pt --method heun --steps 10 \
+        --out flow.png
+
+``--method`` は ε を予測する DDPM のチェックポイントには ddim・ddpm・dpm++2m、
+フローマッチングのチェックポイントには euler・heun です (違う組み合わせは作業の前に止めます)。
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ import torch
 from torchvision.utils import save_image
 
 from . import options
-from .checkpoint import DEFAULT_CHECKPOINT, atomic_write, load_checkpoint
+from .checkpoint import (
+    DEFAULT_CHECKPOINT,
+    atomic_write,
+    load_checkpoint,
+    objective_of,
+    read_diffusion,
+)
 from .device import fast_formats, get_device
 from .sampling import (
     DEFAULT_ETA,
@@ -26,6 +38,8 @@ from .sampling import (
     DEFAULT_METHOD,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
+    EPS_METHODS,
+    FLOW_METHODS,
     sample,
 )
 from .schedule import NoiseSchedule
@@ -33,17 +47,19 @@ from .unet import UNet
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="学習済み DDPM で画像を生成して PNG に並べます")
+    p = argparse.ArgumentParser(description="学習済みの拡散モデルで画像を生成して PNG に並べます")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--out", default="samples.png", help="書き出す画像 (.png / .jpg)")
     p.add_argument("-n", type=options.positive_int, default=64, help="生成する枚数")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=["ddim", "ddpm"])
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=[*EPS_METHODS, *FLOW_METHODS],
+                   help="DDPM には ddim・ddpm・dpm++2m (DPM-Solver++ 2M)、"
+                   "フローマッチングには euler・heun")
     p.add_argument("--steps", type=options.positive_int, default=DEFAULT_STEPS,
-                   help="DDIM のステップ数")
+                   help="ステップ数 (ddpm では使いません)")
     p.add_argument("--eta", type=options.nonneg_float, default=DEFAULT_ETA,
                    help="DDIM の各ステップで足すノイズの量 η (0 = 決定的、1 = DDPM と同じ分散)")
     p.add_argument("--spacing", default=DEFAULT_SPACING, choices=["trailing", "leading"],
-                   help="DDIM の時刻の選び方")
+                   help="DDIM と DPM-Solver++ の時刻の選び方")
     p.add_argument("--class", dest="label", type=int, default=None,
                    help="このクラス (0〜9) だけを生成")
     p.add_argument("--class-grid", action="store_true", help="各行が 1 クラスの 10 行の格子")
@@ -60,8 +76,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     options.check_output(p, args.out, "--out", (".png", ".jpg", ".jpeg"))
     if args.label is not None and not 0 <= args.label <= 9:
         p.error(f"--class は 0〜9 にしてください (受け取ったのは {args.label})")
-    if not args.dry_run and not Path(args.checkpoint).is_file():
+    if args.dry_run:
+        return args
+    if not Path(args.checkpoint).is_file():
         p.error(f"--checkpoint {args.checkpoint} がありません")
+    try:
+        objective = objective_of(read_diffusion(args.checkpoint))
+    except ValueError as e:
+        p.error(str(e))
+    if objective == "flow" and args.method not in FLOW_METHODS:
+        p.error(f"--checkpoint {args.checkpoint} はフローマッチングのモデルです。"
+                f"--method {' か '.join(FLOW_METHODS)} を指定してください")
+    if objective == "eps" and args.method not in EPS_METHODS:
+        p.error(f"--method {args.method} はフローマッチングのモデル用です。"
+                f"--checkpoint {args.checkpoint} (ε を予測する DDPM) には "
+                f"{'・'.join(EPS_METHODS)} のどれかを指定してください")
     return args
 
 
@@ -76,7 +105,11 @@ def main(argv: list[str] | None = None) -> torch.Tensor:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         sched = NoiseSchedule.from_name("cosine")
-        args.n, args.steps, args.method = min(args.n, 4), 2, "ddim"
+        if args.method in FLOW_METHODS:  # フローの流れを確かめる (スケジュールなし)
+            sched = None
+        elif args.method == "ddpm":
+            args.method = "ddim"
+        args.n, args.steps = min(args.n, 4), 2
     else:
         try:
             model, sched, _ = load_checkpoint(args.checkpoint, device, channels_last)

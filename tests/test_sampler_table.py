@@ -1,0 +1,75 @@
+"""booktools.sampler_table: 来歴 JSON から FID と NFE の表を作る (ベンチマークと本が共有)。"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from booktools.sampler_table import fid_nfe_table, format_table, read_evals
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _e(split, task, method, fid, nfe=None, eta=None, s=1.0, n=100):
+    e = {"split": split, "task": task, "method": method, "fid": fid, "n": n,
+         "guidance_scale": s}
+    if eta is not None:
+        e["eta"] = eta
+    if nfe is not None:
+        e["nfe"] = nfe
+    return e
+
+
+def test_cells_take_the_largest_nfe_within_each_budget(tmp_path):
+    eps = {"eval": {
+        "val/reference@100": {"split": "val", "n": 100, "fid": 2.1, "fid_mean": 2.0,
+                              "fid_min": 1.8, "fid_max": 2.2},
+        "val/ddim:10:0:1@100": _e("val", "ddim:10:0:1", "ddim", 8.0, eta=0.0),  # nfe なし (古い)
+        "val/ddim:10:1:1@100": _e("val", "ddim:10:1:1", "ddim", 6.0, 10, eta=1.0),
+        "val/ddim:10:1:2@100": _e("val", "ddim:10:1:2", "ddim", 1.0, 10, eta=1.0, s=2.0),
+        "val/dpm:8:1@100": _e("val", "dpm:8:1", "dpm++2m", 5.0, 8),
+        "val/dpm:10:1@100": _e("val", "dpm:10:1", "dpm++2m", 4.0, 10),
+        "val/ddim:10:1:1@200": _e("val", "ddim:10:1:1", "ddim", 0.5, 10, eta=1.0, n=200),
+        "test/dpm:10:1@100": _e("test", "dpm:10:1", "dpm++2m", 4.4, 10),
+    }}
+    flow = {"eval": {
+        "val/reference@100": {"split": "val", "n": 100, "fid": 9.9, "fid_mean": 9.9},
+        "val/heun:5:1@100": _e("val", "heun:5:1", "heun", 3.0),  # NFE 9 (タスク名から)
+        "val/euler:20:1@100": _e("val", "euler:20:1", "euler", 3.5, 20),
+    }}
+    paths = [tmp_path / "ddpm.json", tmp_path / "flow.json", tmp_path / "missing.json"]
+    paths[0].write_text(json.dumps(eps))
+    paths[1].write_text(json.dumps(flow))
+    evals = read_evals(paths)
+    assert evals["val/reference@100"]["fid_mean"] == 2.0  # 先に読んだ JSON の参照水準
+    rows = {(r["sampler"], r["split"]): r for r in fid_nfe_table(evals, n=100)}
+    assert set(rows) == {("DDIM η=0", "val"), ("DDIM η=1", "val"), ("DPM-Solver++ 2M", "val"),
+                         ("フロー Euler", "val"), ("フロー Heun", "val"),
+                         ("DPM-Solver++ 2M", "test")}
+    assert rows["DDIM η=0", "val"]["cells"][10]["fid"] == 8.0
+    dpm = rows["DPM-Solver++ 2M", "val"]["cells"]
+    assert dpm[5] is None and dpm[10]["task"] == "dpm:10:1" and dpm[10]["ratio"] == 2.0
+    assert rows["DDIM η=1", "val"]["cells"][10]["fid"] == 6.0  # s = 2 と n = 200 は別
+    heun = rows["フロー Heun", "val"]["cells"]
+    assert heun[10]["nfe"] == 9 and heun[20] is None
+    assert rows["フロー Euler", "val"]["cells"][20]["fid"] == 3.5
+    assert rows["DPM-Solver++ 2M", "test"]["reference"] is None
+    assert math.isnan(rows["DPM-Solver++ 2M", "test"]["cells"][10]["ratio"])
+    text = format_table(list(rows.values()))
+    assert "3.00 (1.50×) @9" in text and "4.00 (2.00×)" in text
+    guided = fid_nfe_table(evals, n=100, guidance=2.0)
+    assert [r["cells"][10]["fid"] for r in guided] == [1.0]
+
+
+def test_benchmark_prints_the_table_from_the_shipped_json():
+    r = subprocess.run([sys.executable, "benchmarks/diffusion_bench.py", "--fid-nfe"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "NFE ≤ 10" in r.stdout and "DDIM η=1" in r.stdout
+    bad = subprocess.run([sys.executable, "benchmarks/diffusion_bench.py", "--fid-nfe",
+                          "--live-n", "15"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--live-n" in bad.stderr.splitlines()[-1]
