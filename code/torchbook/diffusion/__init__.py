@@ -1,9 +1,10 @@
 """DDPM / DDIM による画像生成 (Fashion-MNIST)。このフォルダーごとコピーして使えます。
 
 下の層 (ライブラリ): ``schedule`` (ノイズスケジュール)、``unet`` (ε を予測する UNet)、
-``sampling`` (DDPM・DDIM・guidance と既定値)、``checkpoint`` (ファイル形式と読み書き)、
-``data`` (Fashion-MNIST)、``metrics`` (FID・KID と特徴を作る分類器)、``device``
-(デバイスと bf16・channels_last の決定)、``options`` (CLI の引数の型と確認)。
+``sampling`` (DDPM・DDIM・DPM-Solver++・フローの ODE・guidance と既定値)、
+``checkpoint`` (ファイル形式と読み書き)、``data`` (Fashion-MNIST)、``metrics`` (FID・KID と
+特徴を作る分類器)、``device`` (デバイスと bf16・channels_last の決定)、``options`` (CLI の
+引数の型と確認)。
 
 上の層 (CLI、``python -m <このフォルダー>.train`` のように実行): ``train``、``sample``、
 ``evaluate``、``classifier``。CLI はほかの CLI を import しません。
