@@ -7,6 +7,7 @@
   PyTorch の答えや予算と比べる (デモを足すときは、照合の関数を書いて CHECKS に 1 行足す)
 - デモを始めたときに加わる転送バイト数 (CI 用のテストの入力 ``*-tests.json`` は数えない)
 - file:// で開くと、見方の案内が 1 行出る
+- デモを使った後の画面の axe-core の critical / serious の違反
 - コンソールのエラー、127.0.0.1 以外への通信
 
 表を表示し、問題があれば終了コード 1 を返します。章が書き出した重み (.pt) は
@@ -26,6 +27,7 @@ import shutil
 import statistics
 import sys
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,9 +90,12 @@ def check_mnist(result: dict, ctx: Context) -> list[Row]:
     n, size = meta["size"], result["canvas"]
     inputs = torch.tensor([d["input"] for d in digits], dtype=torch.float32).view(-1, 1, n, n)
     with torch.no_grad():
-        expected = torch.softmax(model(inputs), dim=1)
+        logits = model(inputs)
+    expected = torch.softmax(logits, dim=1)
     got = torch.tensor([d["probs"] for d in digits], dtype=torch.float32)
     prob_diff = (got - expected).abs().max().item()
+    # 自信の強い数字では確率がほぼ 0 と 1 になり差が見えにくいので、ロジットも比べる
+    logit_diff = (torch.tensor([d["logits"] for d in digits]) - logits).abs().max().item()
     same_class = int((got.argmax(1) == expected.argmax(1)).sum())
     # 前処理: ブラウザーが欄から読んだ濃さを、Python の同じ手順に通して比べる
     input_diff = 0.0
@@ -108,6 +113,8 @@ def check_mnist(result: dict, ctx: Context) -> list[Row]:
             f"{len(digits)} / {len(digits)}", same_class == len(digits)),
         Row("", "確率の最大差 (PyTorch との)", f"{prob_diff:.2e}", f"≤ {MNIST_PROB_TOL:g}",
             prob_diff <= MNIST_PROB_TOL),
+        Row("", "ロジットの最大差 (PyTorch との)", f"{logit_diff:.2e}",
+            f"≤ {MNIST_PROB_TOL:g}", logit_diff <= MNIST_PROB_TOL),
         Row("", "前処理の最大差 (Python の同じ手順との)", f"{input_diff:.2e}",
             f"≤ {MNIST_INPUT_TOL:g}", input_diff <= MNIST_INPUT_TOL),
         Row("", "見本を欄に書き直したときの正解", f"{correct} / {len(digits)}",
@@ -207,6 +214,11 @@ def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
                     row.demo = row.demo or name
                     rows.append(row)
                 rows.append(Row(name, "自己テストの所要時間", f"{time.time() - start:.1f} s"))
+            # デモを使った後の画面 (棒や案内の文) も axe で調べる
+            violations = c.axe()
+            rows.append(Row(page, "axe の重大な違反 (デモを使った後)",
+                            f"{sum(v['n'] for v in violations)} 個", "0 個", not violations))
+            problems += [f"{page}: axe {v['impact']} {v['id']} ({v['target']})" for v in violations]
             problems += [f"{page}: {e}" for e in c.errors]
             problems += [f"{page}: 外部への通信 {u}" for u in c.foreign]
             c.foreign.clear()
@@ -230,11 +242,23 @@ def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
     return rows, problems
 
 
+def text_width(text: str) -> int:
+    """端末での表示幅 (全角の文字は 2)。"""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def pad(text: str, width: int, right: bool = False) -> str:
+    space = " " * max(0, width - text_width(text))
+    return space + text if right else text + space
+
+
 def print_table(rows: list[Row]) -> None:
-    width = max((len(r.item) for r in rows), default=10) + 2
+    cols = [max((text_width(getattr(r, k)) for r in rows), default=4)
+            for k in ("demo", "item", "value", "budget")]
     for r in rows:
         mark = "" if not r.budget else ("OK" if r.ok else "NG")
-        print(f"{r.demo:<22} {r.item:<{width}}{r.value:>14}  {r.budget:<12} {mark}")
+        print(f"{pad(r.demo, cols[0])}  {pad(r.item, cols[1])}  {pad(r.value, cols[2], True)}  "
+              f"{pad(r.budget, cols[3])}  {mark}".rstrip())
 
 
 def main() -> int:

@@ -190,7 +190,9 @@
     const top = Math.max(...logits);
     const e = Array.from(logits, (v) => Math.exp(v - top));
     const sum = e.reduce((a, b) => a + b, 0);
-    return e.map((v) => v / sum);
+    const probs = e.map((v) => v / sum);
+    probs.logits = Array.from(logits); // CI の照合用
+    return probs;
   }
 
   function showInput(pixels) {
@@ -331,7 +333,8 @@
         label: s.labels[k],
         ink: btoa(bin), // 前処理に渡した欄の濃さ (0〜255)
         input: Array.from(r.input),
-        probs: r.probs,
+        probs: Array.from(r.probs),
+        logits: r.probs.logits,
         ms: r.ms,
       });
     }
