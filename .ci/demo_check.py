@@ -126,12 +126,19 @@ def check_mnist(result: dict, ctx: Context) -> list[Row]:
     if stroke_ms is not None:
         rows.append(Row("", "マウスで 1 本引いたとき", f"{stroke_ms:.1f} ms",
                         f"≤ {MNIST_LATENCY_MS:g} ms", stroke_ms <= MNIST_LATENCY_MS))
+    if "touch_ok" in ctx.extra:
+        touch_ok = ctx.extra["touch_ok"]
+        rows.append(Row("", "指 (タッチ) で書いて予測が出る", "はい" if touch_ok else "いいえ",
+                        "はい", touch_ok))
     rows.append(ctx.model_size(meta["model"], MNIST_MODEL_BYTES))
     return rows
 
 
 def stroke_mnist(ctx: Context) -> None:
-    """本物のマウスの操作 (CDP) で「1」を 1 本引き、棒が変わるまでの時間をデモから読みます。"""
+    """本物のマウスの操作 (CDP) で「1」を 1 本引き、棒が変わるまでの時間をデモから読みます。
+
+    続けて同じ線を指 (タッチのイベント) で引き、予測が出ることを確かめます。
+    """
     c = ctx.checker
     box = c.b.eval(
         "(() => { const c = document.querySelector('[data-demo=mnist] canvas');"
@@ -150,6 +157,21 @@ def stroke_mnist(ctx: Context) -> None:
         "document.querySelector('[data-demo=mnist]').dataset.latencyMs !== undefined"), 30)
     ms = c.b.eval("document.querySelector('[data-demo=mnist]').dataset.latencyMs")
     ctx.extra["stroke_ms"] = float(ms) if ms is not None else float("inf")
+    # 指 (タッチ) でも書けること: 同じ線を touch のイベントで引く
+    c.b.eval("document.querySelector('[data-demo=mnist] button').click(), true")  # 消す
+    c.b.call("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 1})
+    try:
+        c.b.call("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [
+            {"x": points[0][0], "y": points[0][1]}]})
+        for px, py in points[1:]:
+            c.b.call("Input.dispatchTouchEvent", {"type": "touchMove",
+                                                  "touchPoints": [{"x": px, "y": py}]})
+        c.b.call("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        ctx.extra["touch_ok"] = c.b.wait_for(lambda: c.b.eval(
+            "document.querySelector('[data-demo=mnist] .mnist-status').textContent"
+            ".startsWith('予測')"), 30)
+    finally:
+        c.b.call("Emulation.setTouchEmulationEnabled", {"enabled": False})
 
 
 # デモの名前 → (自己テストの結果を照合する関数, 自己テストの後にする操作 (無ければ None))
