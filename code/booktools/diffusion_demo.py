@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,9 @@ from torchbook.diffusion.sampling import DEFAULT_SPACING, ddim_timesteps, sample
 from torchbook.diffusion.schedule import NoiseSchedule
 from torchbook.diffusion.unet import UNet
 
+MODEL_FILE = "diffusion-unet.onnx"  # 名前は demo-diffusion.js と同じ
+META_FILE = "diffusion-meta.json"
+TEST_FILE = "diffusion-test.json"
 STEPS_RANGE = (10, 50)  # デモで選べる DDIM のステップ数
 TEST_STEPS = 20
 TEST_GUIDANCE = (1.0, 1.5)  # guidance なし (条件付きモデルそのもの) とあり
@@ -126,3 +130,86 @@ def write_json(path: str | Path, obj: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
     return path
+
+
+def onnx_predict(path: str | Path) -> Predict:
+    """onnxruntime (Python、1 スレッド) で書き出したグラフを ``Predict`` の形にします。"""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def predict(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return session.run(OUTPUT_NAMES, dict(zip(INPUT_NAMES, (x, t, y), strict=True)))[0]
+    return predict
+
+
+def demo_html(meta: dict, label: int = 0, guidance: float = 1.5, steps: int = TEST_STEPS,
+              eta: float = 0.0, seed: int = 0) -> str:
+    """デモの操作部品 (HTML)。クラス名とステップ数の範囲は meta から作ります。
+
+    動かすのは demo-diffusion.js で、data-demo="diffusion" の要素を探して使います。
+    """
+    lo, hi = meta["steps_range"]
+    options = "".join(
+        f'<option value="{i}"{" selected" if i == label else ""}>{html.escape(name)}</option>'
+        for i, name in enumerate(meta["classes"]))
+    size = 4 * meta["shape"][1]  # 32×32 を 4 倍に拡大して表示
+
+    def slider(name: str, text: str, lo: float, hi: float, step: float, value: float) -> str:
+        return (f'<label for="dd-{name}">{text}</label>'
+                f'<input type="range" id="dd-{name}" name="{name}" min="{lo}" max="{hi}" '
+                f'step="{step}" value="{value}"><output for="dd-{name}"></output>')
+
+    def canvas(caption: str, alt: str) -> str:
+        return (f'<figure style="margin:0;text-align:center">'
+                f'<canvas width="{meta["shape"][2]}" height="{meta["shape"][1]}" role="img" '
+                f'aria-label="{alt}" style="width:{size}px;height:{size}px;'
+                f'image-rendering:pixelated;background:#000"></canvas>'
+                f'<figcaption>{caption}</figcaption></figure>')
+
+    grid = ("display:grid;grid-template-columns:max-content minmax(8em,16em) 3em;"
+            "gap:.4em .6em;align-items:center")
+    return (
+        '<div class="torchbook-demo" data-demo="diffusion">'
+        f'<form style="{grid}" aria-label="生成の設定">'
+        f'<label for="dd-label">クラス</label><select id="dd-label" name="label" '
+        f'style="grid-column:span 2">{options}</select>'
+        + slider("guidance", "ガイダンスの強さ s", 0, 5, 0.5, guidance)
+        + slider("steps", "DDIM のステップ数", lo, hi, 1, steps)
+        + slider("eta", "η", 0, 1, 0.1, eta)
+        + f'<label for="dd-seed">シード</label><input type="number" id="dd-seed" name="seed" '
+        f'min="0" step="1" value="{seed}" style="width:8em">'
+        '<button type="submit" style="grid-column:span 1">生成</button>'
+        '</form>'
+        '<div style="display:flex;gap:1.5em;flex-wrap:wrap;margin:.8em 0">'
+        + canvas("x<sub>t</sub> (生成中の画像)", "生成中の x_t (まだ生成していません)")
+        + canvas("予測した x̂<sub>0</sub>", "x_t から予測した x̂_0 (まだ生成していません)")
+        + '</div><p role="status" aria-live="polite">「生成」を押すと、ランタイムとモデルを'
+        '読み込んでから生成を始めます。</p></div>')
+
+
+def export_demo(model: UNet, sched: NoiseSchedule, schedule_name: str, out_dir: str | Path,
+                label: int, seed: int) -> dict:
+    """UNet を ONNX に書き出して照合し、メタデータとテストの入力も書きます。
+
+    返す辞書: model (ONNX のパス)、bytes (その大きさ)、onnx_diff (N = 1, 2 の入力での
+    onnxruntime と PyTorch の最大の差)、meta、vectors (テストの入力と PyTorch の画像)。
+    """
+    from booktools.webdemo import export_onnx, save_json, verify_onnx
+
+    out_dir = Path(out_dir)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, model.in_channels, model.image_size, model.image_size, generator=g)
+    t = torch.tensor([sched.T - 1, 10])
+    y = torch.tensor([label, model.null_class])
+    axes = {name: {0: "N"} for name in INPUT_NAMES + OUTPUT_NAMES}  # N = 1 か 2 (guidance)
+    path = export_onnx(model, (x, t, y), out_dir / MODEL_FILE, INPUT_NAMES, OUTPUT_NAMES, axes)
+    diff = max(verify_onnx(path, model, (x[:n], t[:n], y[:n])) for n in (1, 2))
+    meta = demo_metadata(model, sched, schedule_name)
+    vectors = make_test_vectors(model, sched, label, seed)
+    save_json(out_dir / META_FILE, meta)
+    save_json(out_dir / TEST_FILE, vectors)
+    return {"model": path, "bytes": path.stat().st_size, "onnx_diff": diff, "meta": meta,
+            "vectors": vectors}
