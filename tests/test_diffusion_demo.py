@@ -10,6 +10,7 @@ import torch
 from diffusion_fixtures import tiny_unet
 
 from booktools import diffusion_demo
+from booktools.webdemo import save_json
 from torchbook.diffusion.data import CLASSES
 from torchbook.diffusion.sampling import ddim_timesteps, sample
 from torchbook.diffusion.schedule import NoiseSchedule
@@ -24,7 +25,7 @@ def model_and_meta():
 
 def test_metadata_equals_schedule(model_and_meta, tmp_path):
     model, sched, meta = model_and_meta
-    meta = json.loads(diffusion_demo.write_json(tmp_path / "m.json", meta).read_text())
+    meta = json.loads(save_json(tmp_path / "m.json", meta).read_text())
     assert meta["T"] == sched.T == len(meta["alphas_cumprod"])
     # JSON を通しても float64 の値がそのまま戻る (JS の Number も float64)
     assert meta["alphas_cumprod"] == sched.alphas_cumprod.tolist()
@@ -81,3 +82,25 @@ def test_vectors_are_sample_outputs(model_and_meta):
         assert torch.equal(torch.tensor(case["image"]).view(1, 1, 32, 32), ref)
     a, b = (torch.tensor(c["image"]) for c in vec["cases"])
     assert (a - b).abs().max() > 1e-3  # guidance を変えると画像が変わる
+
+
+def test_export_demo_writes_a_verified_small_model(model_and_meta, tmp_path):
+    model, sched, _ = model_and_meta
+    r = diffusion_demo.export_demo(model, sched, "cosine", tmp_path, label=1, seed=0)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([diffusion_demo.MODEL_FILE, diffusion_demo.META_FILE,
+                            diffusion_demo.TEST_FILE])  # 重みの別ファイルも一時ファイルもない
+    n_params = sum(p.numel() for p in model.parameters())
+    # 重みは 1 回ずつだけ (float32) と、小さなグラフ。来歴を消したので重み以外は 50 kB 未満
+    assert 4 * n_params <= r["bytes"] < 4 * n_params + 50_000
+    assert r["onnx_diff"] < 1e-4
+    meta = json.loads((tmp_path / diffusion_demo.META_FILE).read_text())
+    assert meta == r["meta"]
+    # ONNX で回した参照ループが、PyTorch の sample() の画像 (テストの入力) と一致する
+    vec = json.loads((tmp_path / diffusion_demo.TEST_FILE).read_text())
+    predict = diffusion_demo.onnx_predict(r["model"])
+    for case in vec["cases"]:
+        out = diffusion_demo.reference_ddim(predict, meta, np.array(vec["x_T"], np.float32),
+                                            vec["label"], vec["steps"],
+                                            guidance_scale=case["guidance"])
+        assert np.abs(out.flatten() - np.array(case["image"])).max() < 1e-3
