@@ -10,7 +10,7 @@
   const demo = window.torchbookDemo;
   const MODEL = "diffusion-unet.onnx";
   const META = "diffusion-meta.json";
-  const TESTS = "diffusion-test.json";
+  const TESTS = "diffusion-tests.json";
 
   // ---------------------------------------------------------------- シードつきの乱数
 
@@ -218,7 +218,8 @@
 
   // ---------------------------------------------------------------- CI の自己テスト
 
-  // ビルドが書き出した x_T から、ここのサンプラーで作った画像と PyTorch の画像の最大の差。
+  // ビルドが書き出した x_T から、ここのサンプラーで作った画像と PyTorch の画像の最大の差
+  // (画像も返すので、CI は Python の側でも比べ直せます)。
   // 時間は guidance ごとに 2 回測り、2 回目 (読み込み・初回の準備を含まない) を報告します。
   window.torchbookDemoTests.diffusion = async () => {
     const { model, sched } = await load(null);
@@ -236,7 +237,8 @@
       }
       let diff = 0;
       for (let i = 0; i < x.length; i++) diff = Math.max(diff, Math.abs(x[i] - c.image[i]));
-      cases.push({ guidance: c.guidance, max_abs_diff: diff, first_ms: times[0], ms: times[1] });
+      cases.push({ guidance: c.guidance, max_abs_diff: diff, first_ms: times[0], ms: times[1],
+        image: Array.from(x) });
     }
     return { steps: vec.steps, cases };
   };

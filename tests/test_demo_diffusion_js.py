@@ -26,11 +26,13 @@ RUNNER = r"""
 const fs = require("fs"), vm = require("vm");
 const [script, metaPath, vecPath] = process.argv.slice(1);
 const files = { "diffusion-meta.json": JSON.parse(fs.readFileSync(metaPath, "utf8")),
-                "diffusion-test.json": JSON.parse(fs.readFileSync(vecPath, "utf8")) };
+                "diffusion-tests.json": JSON.parse(fs.readFileSync(vecPath, "utf8")) };
 class Tensor { constructor(type, data, dims) { Object.assign(this, { type, data, dims }); } }
 const session = { run: async (feeds) => {
   const [n, c, h, w] = feeds.x.dims, size = c * h * w, x = feeds.x.data;
-  if (x.constructor.name !== "Float32Array" || feeds.t.type !== "int64") throw new Error("型が違います");
+  if (x.constructor.name !== "Float32Array" || feeds.t.type !== "int64") {
+    throw new Error("型が違います");
+  }
   const eps = new Float32Array(n * size);
   for (let b = 0; b < n; b++) for (let i = 0; i < size; i++) {
     eps[b * size + i] = Math.sin(1.3 * x[b * size + i] + 0.002 * Number(feeds.t.data[b])

@@ -104,3 +104,20 @@ def test_export_demo_writes_a_verified_small_model(model_and_meta, tmp_path):
                                             vec["label"], vec["steps"],
                                             guidance_scale=case["guidance"])
         assert np.abs(out.flatten() - np.array(case["image"])).max() < 1e-3
+
+
+def test_demo_html_controls_come_from_metadata(model_and_meta):
+    import re
+
+    _, _, meta = model_and_meta
+    page = diffusion_demo.demo_html(meta, label=3, steps=20)
+    assert 'data-demo="diffusion"' in page and 'aria-live="polite"' in page
+    assert re.findall(r"<option [^>]*>([^<]*)</option>", page) == list(CLASSES)
+    assert '<option value="3" selected>' in page
+    lo, hi = meta["steps_range"]
+    assert f'name="steps" min="{lo}" max="{hi}" step="1" value="20"' in page
+    # 入力部品にはすべて <label for> があり、id は重ならない (キーボードと読み上げのため)
+    ids = re.findall(r'<(?:input|select) [^>]*id="([^"]+)"', page)
+    assert len(ids) == len(set(ids)) == 5
+    assert sorted(re.findall(r'<label for="([^"]+)"', page)) == sorted(ids)
+    assert page.count('role="img" aria-label=') == 2  # キャンバスの代わりの文

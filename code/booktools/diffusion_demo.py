@@ -26,7 +26,7 @@ from torchbook.diffusion.unet import UNet
 
 MODEL_FILE = "diffusion-unet.onnx"  # 名前は demo-diffusion.js と同じ
 META_FILE = "diffusion-meta.json"
-TEST_FILE = "diffusion-test.json"
+TEST_FILE = "diffusion-tests.json"
 STEPS_RANGE = (10, 50)  # デモで選べる DDIM のステップ数
 TEST_STEPS = 20
 TEST_GUIDANCE = (1.0, 1.5)  # guidance なし (条件付きモデルそのもの) とあり
@@ -192,8 +192,8 @@ def demo_html(meta: dict, label: int = 0, guidance: float = 1.5, steps: int = TE
         + slider("steps", "DDIM のステップ数", lo, hi, 1, steps)
         + slider("eta", "η", 0, 1, 0.1, eta)
         + f'<label for="dd-seed">シード</label><input type="number" id="dd-seed" name="seed" '
-        f'min="0" step="1" value="{seed}" style="width:8em">'
-        '<button type="submit" style="grid-column:span 1">生成</button>'
+        f'min="0" step="1" value="{seed}" style="width:8em;grid-column:span 2">'
+        '<button type="submit" style="grid-column:1/-1;justify-self:start;margin:0">生成</button>'
         '</form>'
         '<div style="display:flex;gap:1.5em;flex-wrap:wrap;margin:.8em 0">'
         + canvas("x<sub>t</sub> (生成中の画像)", "生成中の x_t (まだ生成していません)")
