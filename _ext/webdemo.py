@@ -52,15 +52,16 @@ def copy_assets(dist: Path, source: Path, static_out: Path) -> list[Path]:
     missing = missing_runtime(dist)
     if missing:
         raise ExtensionError(runtime_message(missing))
+    # copyfile: 写したファイルの権限は umask どおり (書き出しの一時ファイルの 0600 を引き継がない)
     out = static_out / "webdemo"
     (out / "ort").mkdir(parents=True, exist_ok=True)
     copied = []
     for name in RUNTIME_FILES:
-        copied.append(Path(shutil.copy2(dist / name, out / "ort" / name)))
+        copied.append(Path(shutil.copyfile(dist / name, out / "ort" / name)))
     if source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and f.suffix in PUBLISHED and not f.name.startswith("."):
-                copied.append(Path(shutil.copy2(f, out / f.name)))
+                copied.append(Path(shutil.copyfile(f, out / f.name)))
     return copied
 
 

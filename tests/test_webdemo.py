@@ -124,3 +124,9 @@ def test_demo_assets_are_loaded_only_on_pages_with_a_demo():
     assert ext.demos_in(doc) == []
     doc += nodes.raw("", '<div class="torchbook-demo" data-demo="mnist"></div>', format="html")
     assert ext.demos_in(doc) == ["mnist"]
+
+
+def test_extension_and_book_helper_agree_on_the_runtime_and_the_folder(tmp_path, monkeypatch):
+    assert ext.RUNTIME_FILES == webdemo.RUNTIME_FILES
+    monkeypatch.setenv(webdemo.ENV_DIR, str(tmp_path / "demo"))
+    assert webdemo.demo_dir() == ext.demo_source() == tmp_path / "demo"

@@ -30,6 +30,11 @@ OPSET = 18  # onnxruntime-web 1.30 が扱える範囲で、dynamo の書き出�
 TOLERANCE = 1e-4  # verify_onnx が許す PyTorch との最大の差 (float32 の計算順の違いの範囲)
 
 
+# ブラウザーで使う onnxruntime-web (npm) の WebAssembly 版の最小の組。_ext/webdemo.py がサイトへ写す
+RUNTIME_DIST = REPO_ROOT / "node_modules" / "onnxruntime-web" / "dist"
+RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+
+
 class ExportError(RuntimeError):
     """書き出したグラフが PyTorch と合わない・読めないときの例外。"""
 
@@ -39,6 +44,11 @@ def demo_dir() -> Path:
     path = Path(os.environ.get(ENV_DIR) or REPO_ROOT / "_build" / "webdemo")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def runtime_bytes() -> int:
+    """読者がデモを始めたときに読む実行環境のバイト数 (無ければ FileNotFoundError)。"""
+    return sum((RUNTIME_DIST / name).stat().st_size for name in RUNTIME_FILES)
 
 
 def export_onnx(

@@ -1,0 +1,269 @@
+"""ブラウザーで動くデモを headless Chromium で動かし、PyTorch との一致と予算を調べます。
+
+ビルドした HTML のうち、デモ (``data-demo="名前"``) のあるページを 127.0.0.1 で開き、次を調べます。
+
+- ページを開いただけでは、ランタイムもモデルも読まない (遅延読み込み)
+- 各デモの自己テスト ``window.torchbookDemoTests[名前]()`` を呼び、結果を ``CHECKS[名前]`` が
+  PyTorch の答えや予算と比べる (デモを足すときは、照合の関数を書いて CHECKS に 1 行足す)
+- デモを始めたときに加わる転送バイト数 (CI 用のテストの入力 ``*-tests.json`` は数えない)
+- file:// で開くと、見方の案内が 1 行出る
+- コンソールのエラー、127.0.0.1 以外への通信
+
+表を表示し、問題があれば終了コード 1 を返します。章が書き出した重み (.pt) は
+``--demo-dir`` (既定 ``_build/webdemo/``) から読みます。
+
+    python .ci/demo_check.py _build/html
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from browser_check import Checker, pages_of, serve  # noqa: E402
+from cdp import Browser, CDPError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_ATTR = re.compile(r'data-demo="([a-z0-9-]+)"')
+MB = 1_000_000
+
+
+@dataclass
+class Row:
+    """表の 1 行: 何を測ったか、値、予算 (無ければ空)、予算を満たしたか。"""
+
+    demo: str
+    item: str
+    value: str
+    budget: str = ""
+    ok: bool = True
+
+
+@dataclass
+class Context:
+    """照合の関数に渡すもの: ビルドした HTML、章の書き出し、ブラウザー (追加の操作用)。"""
+
+    html_dir: Path
+    demo_dir: Path
+    checker: Checker
+    page: str
+    extra: dict = field(default_factory=dict)
+
+    def model_size(self, name: str, budget: int) -> Row:
+        size = (self.html_dir / "_static" / "webdemo" / name).stat().st_size
+        return Row("", f"モデル {name}", f"{size / MB:.2f} MB", f"≤ {budget / MB:g} MB",
+                   size <= budget)
+
+
+# ------------------------------------------------ 05 章: 数字を書いてみる
+MNIST_PROB_TOL = 1e-4  # ブラウザーと PyTorch の確率の最大差
+MNIST_INPUT_TOL = 1e-5  # ブラウザーの前処理と booktools.webdemo.mnist_preprocess の最大差
+MNIST_LATENCY_MS = 20.0  # 線を引き終えてから棒が変わるまで
+MNIST_MODEL_BYTES = 1 * MB
+MNIST_MIN_ACCURACY = 0.8  # 見本 (本物のテスト画像) を欄に書き直しても、ほぼ読めること
+
+
+def check_mnist(result: dict, ctx: Context) -> list[Row]:
+    import torch
+
+    from booktools.webdemo import mnist_preprocess
+    from torchbook import mnist
+
+    meta = json.loads((ctx.demo_dir / "mnist.json").read_text(encoding="utf-8"))
+    model = mnist.create_model(meta["arch"])
+    model.load_state_dict(torch.load(ctx.demo_dir / "mnist.pt", weights_only=True))
+    model.eval()
+    digits = result["digits"]
+    n, size = meta["size"], result["canvas"]
+    inputs = torch.tensor([d["input"] for d in digits], dtype=torch.float32).view(-1, 1, n, n)
+    with torch.no_grad():
+        expected = torch.softmax(model(inputs), dim=1)
+    got = torch.tensor([d["probs"] for d in digits], dtype=torch.float32)
+    prob_diff = (got - expected).abs().max().item()
+    same_class = int((got.argmax(1) == expected.argmax(1)).sum())
+    # 前処理: ブラウザーが欄から読んだ濃さを、Python の同じ手順に通して比べる
+    input_diff = 0.0
+    for d, x in zip(digits, inputs, strict=True):
+        ink = torch.frombuffer(bytearray(base64.b64decode(d["ink"])), dtype=torch.uint8)
+        ref = mnist_preprocess(ink.float().view(size, size) / 255)
+        ref = (ref - meta["mean"]) / meta["std"]
+        input_diff = max(input_diff, (ref - x[0]).abs().max().item())
+    correct = sum(int(p == d["label"]) for p, d in zip(got.argmax(1).tolist(), digits,
+                                                        strict=True))
+    ms = [d["ms"] for d in digits]
+    stroke_ms = ctx.extra.get("stroke_ms")
+    rows = [
+        Row("", "予測したクラスが PyTorch と同じ", f"{same_class} / {len(digits)}",
+            f"{len(digits)} / {len(digits)}", same_class == len(digits)),
+        Row("", "確率の最大差 (PyTorch との)", f"{prob_diff:.2e}", f"≤ {MNIST_PROB_TOL:g}",
+            prob_diff <= MNIST_PROB_TOL),
+        Row("", "前処理の最大差 (Python の同じ手順との)", f"{input_diff:.2e}",
+            f"≤ {MNIST_INPUT_TOL:g}", input_diff <= MNIST_INPUT_TOL),
+        Row("", "見本を欄に書き直したときの正解", f"{correct} / {len(digits)}",
+            f"≥ {MNIST_MIN_ACCURACY:.0%}", correct >= MNIST_MIN_ACCURACY * len(digits)),
+        Row("", "書き終えてから棒の更新まで (中央値)", f"{statistics.median(ms):.1f} ms",
+            f"≤ {MNIST_LATENCY_MS:g} ms", statistics.median(ms) <= MNIST_LATENCY_MS),
+        Row("", "同 (最大)", f"{max(ms):.1f} ms"),
+    ]
+    if stroke_ms is not None:
+        rows.append(Row("", "マウスで 1 本引いたとき", f"{stroke_ms:.1f} ms",
+                        f"≤ {MNIST_LATENCY_MS:g} ms", stroke_ms <= MNIST_LATENCY_MS))
+    rows.append(ctx.model_size(meta["model"], MNIST_MODEL_BYTES))
+    return rows
+
+
+def stroke_mnist(ctx: Context) -> None:
+    """本物のマウスの操作 (CDP) で「1」を 1 本引き、棒が変わるまでの時間をデモから読みます。"""
+    c = ctx.checker
+    box = c.b.eval(
+        "(() => { const c = document.querySelector('[data-demo=mnist] canvas');"
+        " c.scrollIntoView({block: 'center'}); const r = c.getBoundingClientRect();"
+        " return {x: r.left, y: r.top, w: r.width, h: r.height}; })()"
+    )
+    x = box["x"] + box["w"] * 0.5
+    points = [(x, box["y"] + box["h"] * t) for t in (0.2, 0.35, 0.5, 0.65, 0.8)]
+    c.b.eval("delete document.querySelector('[data-demo=mnist]').dataset.latencyMs, true")
+    for kind, (px, py) in [("mousePressed", points[0]),
+                           *[("mouseMoved", p) for p in points[1:]],
+                           ("mouseReleased", points[-1])]:
+        c.b.call("Input.dispatchMouseEvent", {"type": kind, "x": px, "y": py,
+                                              "button": "left", "buttons": 1, "clickCount": 1})
+    c.b.wait_for(lambda: c.b.eval(
+        "document.querySelector('[data-demo=mnist]').dataset.latencyMs !== undefined"), 30)
+    ms = c.b.eval("document.querySelector('[data-demo=mnist]').dataset.latencyMs")
+    ctx.extra["stroke_ms"] = float(ms) if ms is not None else float("inf")
+
+
+# デモの名前 → (自己テストの結果を照合する関数, 自己テストの後にする操作 (無ければ None))
+CHECKS: dict[str, tuple[Callable[[dict, Context], list[Row]], Callable | None]] = {
+    "mnist": (check_mnist, stroke_mnist),
+}
+
+
+# ------------------------------------------------ 共通の手順
+def demo_pages(html_dir: Path) -> dict[str, list[str]]:
+    """デモのあるページ → そのページのデモの名前。"""
+    found = {}
+    for page in pages_of(html_dir):
+        names = list(dict.fromkeys(DEMO_ATTR.findall((html_dir / page).read_text("utf-8"))))
+        if names:
+            found[page] = names
+    return found
+
+
+def is_demo_asset(url: str) -> bool:
+    return "/_static/webdemo/" in url
+
+
+def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
+              only: list[str] | None = None) -> tuple[list[Row], list[str]]:
+    """デモのあるページをすべて調べ、表の行と問題の一覧を返します。"""
+    rows: list[Row] = []
+    problems: list[str] = []
+    pages = demo_pages(html_dir)
+    server, port = serve(html_dir)
+    browser = Browser(chromium)
+    try:
+        c = Checker(browser, f"http://127.0.0.1:{port}", html_dir)
+        c.viewport(1280, 900, mobile=False)
+        for page, names in pages.items():
+            names = [n for n in names if not only or n in only]
+            if not names:
+                continue
+            c.open(page, cache=False)
+            early = [r["url"] for r in c.requests.values() if is_demo_asset(r["url"])]
+            page_bytes = sum(r["bytes"] for r in c.requests.values())
+            rows.append(Row(page, "ページを開いただけで読んだデモのファイル",
+                            f"{len(early)} 個", "0 個", not early))
+            rows.append(Row(page, "ページの初回表示 (デモの JS と CSS を含む)",
+                            f"{page_bytes / MB:.2f} MB"))
+            for name in names:
+                if name not in CHECKS:
+                    problems.append(f"{page}: デモ {name} の照合が CHECKS にありません")
+                    continue
+                check, interact = CHECKS[name]
+                ctx = Context(html_dir, demo_dir, c, page)
+                c.requests.clear()
+                start = time.time()
+                result = c.b.eval(f"window.torchbookDemoTests[{name!r}]()", timeout=600)
+                if interact is not None:  # 読み込みが済んだ後の、本物の入力での操作
+                    interact(ctx)
+                c.b.pump(0.3)
+                added = sum(r["bytes"] for r in c.requests.values()
+                            if is_demo_asset(r["url"]) and not r["url"].endswith("-tests.json"))
+                rows.append(Row(name, "デモを始めると加わる転送", f"{added / MB:.2f} MB"))
+                for row in check(result, ctx):
+                    row.demo = row.demo or name
+                    rows.append(row)
+                rows.append(Row(name, "自己テストの所要時間", f"{time.time() - start:.1f} s"))
+            problems += [f"{page}: {e}" for e in c.errors]
+            problems += [f"{page}: 外部への通信 {u}" for u in c.foreign]
+            c.foreign.clear()
+            # file:// では、見方の案内が出ること
+            browser.call("Page.navigate", {"url": (html_dir / page).resolve().as_uri()})
+            notice = ""
+            deadline = time.time() + 15
+            while time.time() < deadline and "http.server" not in notice:
+                browser.pump(0.2)
+                notice = browser.eval(
+                    "(document.querySelector('.torchbook-demo-file-notice') || {}).textContent"
+                    " || ''") or ""
+            rows.append(Row(page, "file:// で開いたときの案内", "あり" if notice else "なし",
+                            "あり", "http.server" in notice))
+        problems += c.problems
+    finally:
+        browser.close()
+        server.shutdown()
+    problems += [f"{r.demo}: {r.item} が {r.value} です (予算 {r.budget})"
+                 for r in rows if not r.ok]
+    return rows, problems
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max((len(r.item) for r in rows), default=10) + 2
+    for r in rows:
+        mark = "" if not r.budget else ("OK" if r.ok else "NG")
+        print(f"{r.demo:<22} {r.item:<{width}}{r.value:>14}  {r.budget:<12} {mark}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("html_dir", nargs="?", default="_build/html", type=Path)
+    ap.add_argument("--demo-dir", type=Path, default=Path(
+        os.environ.get("TORCHBOOK_WEBDEMO_DIR") or ROOT / "_build" / "webdemo"),
+        help="章が書き出した重み (.pt) とメタデータの置き場所")
+    ap.add_argument("--chromium", default=os.environ.get("CHROMIUM", "chromium"))
+    ap.add_argument("--demos", nargs="*", help="調べるデモの名前 (既定: すべて)")
+    args = ap.parse_args()
+    if not (args.html_dir / "_static" / "webdemo").is_dir():
+        ap.error(f"{args.html_dir}/_static/webdemo がありません (先に本をビルドしてください)")
+    exe = shutil.which(args.chromium)
+    if exe is None:
+        ap.error(f"{args.chromium} がありません (Debian/Ubuntu: apt-get install chromium)")
+    sys.path.insert(0, str(ROOT / "code"))
+    rows, problems = run_demos(args.html_dir, args.demo_dir, exe, args.demos)
+    if not rows:
+        problems.append("デモのあるページが見つかりません")
+    print_table(rows)
+    for p in problems:
+        print("問題:", p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except CDPError as e:
+        print(f"ブラウザーの操作に失敗しました: {e}", file=sys.stderr)
+        sys.exit(1)
