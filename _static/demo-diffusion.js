@@ -220,7 +220,8 @@
 
   // ビルドが書き出した x_T から、ここのサンプラーで作った画像と PyTorch の画像の最大の差
   // (画像も返すので、CI は Python の側でも比べ直せます)。
-  // 時間は guidance ごとに 2 回測り、2 回目 (読み込み・初回の準備を含まない) を報告します。
+  // 時間は guidance ごとに、初回 (first_ms) と、続く 4 回の最短 (ms) と中央値 (median_ms)。
+  // CI の計算機はほかの仕事と共有なので、予算は timeit と同じく最短の回で比べます。
   window.torchbookDemoTests.diffusion = async () => {
     const { model, sched } = await load(null);
     const vec = await demo.fetchJSON(demo.url(TESTS));
@@ -230,14 +231,16 @@
         x_T: Float32Array.from(vec.x_T), rand: null, onStep: null };
       const times = [];
       let x = null;
-      for (let k = 0; k < 2; k++) {
+      for (let k = 0; k < 5; k++) {
         const start = performance.now();
         x = await sample(model, sched, args);
         times.push(performance.now() - start);
       }
+      const warm = times.slice(1).sort((a, b) => a - b);
       let diff = 0;
       for (let i = 0; i < x.length; i++) diff = Math.max(diff, Math.abs(x[i] - c.image[i]));
-      cases.push({ guidance: c.guidance, max_abs_diff: diff, first_ms: times[0], ms: times[1],
+      cases.push({ guidance: c.guidance, max_abs_diff: diff, first_ms: times[0], ms: warm[0],
+        median_ms: (warm[1] + warm[2]) / 2,
         image: Array.from(x) });
     }
     return { steps: vec.steps, cases };
