@@ -7,6 +7,7 @@
   PyTorch の答えや予算と比べる (デモを足すときは、照合の関数を書いて CHECKS に 1 行足す)
 - デモを始めたときに加わる転送バイト数 (CI 用のテストの入力 ``*-tests.json`` は数えない)
 - file:// で開くと、見方の案内が 1 行出る
+- デモを使った後の画面の axe-core の critical / serious の違反
 - コンソールのエラー、127.0.0.1 以外への通信
 
 表を表示し、問題があれば終了コード 1 を返します。章が書き出した重み (.pt) は
@@ -26,6 +27,7 @@ import shutil
 import statistics
 import sys
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,9 +90,12 @@ def check_mnist(result: dict, ctx: Context) -> list[Row]:
     n, size = meta["size"], result["canvas"]
     inputs = torch.tensor([d["input"] for d in digits], dtype=torch.float32).view(-1, 1, n, n)
     with torch.no_grad():
-        expected = torch.softmax(model(inputs), dim=1)
+        logits = model(inputs)
+    expected = torch.softmax(logits, dim=1)
     got = torch.tensor([d["probs"] for d in digits], dtype=torch.float32)
     prob_diff = (got - expected).abs().max().item()
+    # 自信の強い数字では確率がほぼ 0 と 1 になり差が見えにくいので、ロジットも比べる
+    logit_diff = (torch.tensor([d["logits"] for d in digits]) - logits).abs().max().item()
     same_class = int((got.argmax(1) == expected.argmax(1)).sum())
     # 前処理: ブラウザーが欄から読んだ濃さを、Python の同じ手順に通して比べる
     input_diff = 0.0
@@ -108,6 +113,8 @@ def check_mnist(result: dict, ctx: Context) -> list[Row]:
             f"{len(digits)} / {len(digits)}", same_class == len(digits)),
         Row("", "確率の最大差 (PyTorch との)", f"{prob_diff:.2e}", f"≤ {MNIST_PROB_TOL:g}",
             prob_diff <= MNIST_PROB_TOL),
+        Row("", "ロジットの最大差 (PyTorch との)", f"{logit_diff:.2e}",
+            f"≤ {MNIST_PROB_TOL:g}", logit_diff <= MNIST_PROB_TOL),
         Row("", "前処理の最大差 (Python の同じ手順との)", f"{input_diff:.2e}",
             f"≤ {MNIST_INPUT_TOL:g}", input_diff <= MNIST_INPUT_TOL),
         Row("", "見本を欄に書き直したときの正解", f"{correct} / {len(digits)}",
@@ -119,12 +126,19 @@ def check_mnist(result: dict, ctx: Context) -> list[Row]:
     if stroke_ms is not None:
         rows.append(Row("", "マウスで 1 本引いたとき", f"{stroke_ms:.1f} ms",
                         f"≤ {MNIST_LATENCY_MS:g} ms", stroke_ms <= MNIST_LATENCY_MS))
+    if "touch_ok" in ctx.extra:
+        touch_ok = ctx.extra["touch_ok"]
+        rows.append(Row("", "指 (タッチ) で書いて予測が出る", "はい" if touch_ok else "いいえ",
+                        "はい", touch_ok))
     rows.append(ctx.model_size(meta["model"], MNIST_MODEL_BYTES))
     return rows
 
 
 def stroke_mnist(ctx: Context) -> None:
-    """本物のマウスの操作 (CDP) で「1」を 1 本引き、棒が変わるまでの時間をデモから読みます。"""
+    """本物のマウスの操作 (CDP) で「1」を 1 本引き、棒が変わるまでの時間をデモから読みます。
+
+    続けて同じ線を指 (タッチのイベント) で引き、予測が出ることを確かめます。
+    """
     c = ctx.checker
     box = c.b.eval(
         "(() => { const c = document.querySelector('[data-demo=mnist] canvas');"
@@ -143,6 +157,21 @@ def stroke_mnist(ctx: Context) -> None:
         "document.querySelector('[data-demo=mnist]').dataset.latencyMs !== undefined"), 30)
     ms = c.b.eval("document.querySelector('[data-demo=mnist]').dataset.latencyMs")
     ctx.extra["stroke_ms"] = float(ms) if ms is not None else float("inf")
+    # 指 (タッチ) でも書けること: 同じ線を touch のイベントで引く
+    c.b.eval("document.querySelector('[data-demo=mnist] button').click(), true")  # 消す
+    c.b.call("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 1})
+    try:
+        c.b.call("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [
+            {"x": points[0][0], "y": points[0][1]}]})
+        for px, py in points[1:]:
+            c.b.call("Input.dispatchTouchEvent", {"type": "touchMove",
+                                                  "touchPoints": [{"x": px, "y": py}]})
+        c.b.call("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        ctx.extra["touch_ok"] = c.b.wait_for(lambda: c.b.eval(
+            "document.querySelector('[data-demo=mnist] .mnist-status').textContent"
+            ".startsWith('予測')"), 30)
+    finally:
+        c.b.call("Emulation.setTouchEmulationEnabled", {"enabled": False})
 
 
 # ------------------------------------------------ 06 章: ブラウザーで生成する
@@ -233,6 +262,11 @@ def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
                     row.demo = row.demo or name
                     rows.append(row)
                 rows.append(Row(name, "自己テストの所要時間", f"{time.time() - start:.1f} s"))
+            # デモを使った後の画面 (棒や案内の文) も axe で調べる
+            violations = c.axe()
+            rows.append(Row(page, "axe の重大な違反 (デモを使った後)",
+                            f"{sum(v['n'] for v in violations)} 個", "0 個", not violations))
+            problems += [f"{page}: axe {v['impact']} {v['id']} ({v['target']})" for v in violations]
             problems += [f"{page}: {e}" for e in c.errors]
             problems += [f"{page}: 外部への通信 {u}" for u in c.foreign]
             c.foreign.clear()
@@ -256,11 +290,23 @@ def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
     return rows, problems
 
 
+def text_width(text: str) -> int:
+    """端末での表示幅 (全角の文字は 2)。"""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def pad(text: str, width: int, right: bool = False) -> str:
+    space = " " * max(0, width - text_width(text))
+    return space + text if right else text + space
+
+
 def print_table(rows: list[Row]) -> None:
-    width = max((len(r.item) for r in rows), default=10) + 2
+    cols = [max((text_width(getattr(r, k)) for r in rows), default=4)
+            for k in ("demo", "item", "value", "budget")]
     for r in rows:
         mark = "" if not r.budget else ("OK" if r.ok else "NG")
-        print(f"{r.demo:<22} {r.item:<{width}}{r.value:>14}  {r.budget:<12} {mark}")
+        print(f"{pad(r.demo, cols[0])}  {pad(r.item, cols[1])}  {pad(r.value, cols[2], True)}  "
+              f"{pad(r.budget, cols[3])}  {mark}".rstrip())
 
 
 def main() -> int:

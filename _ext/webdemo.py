@@ -5,6 +5,7 @@
   ``_static/webdemo/ort/`` へ写します。サイトの外へのリクエストは出ません。
 - 章のセルが ``booktools.webdemo.demo_dir()`` (既定 ``_build/webdemo/``) に書き出したモデル
   (.onnx) とメタデータ・テストの入力 (.json) を ``_static/webdemo/`` へ写します。
+  デモ ``名前`` のメタデータは ``名前.json`` です (無ければビルドの警告)。
 - デモの JS と CSS (``_static/webdemo-loader.js``、``demo-<名前>.js``、``webdemo.css``) は、
   デモのあるページ (``data-demo="名前"`` を含むページ) だけに読み込みます。
   ランタイムとモデルは、読者がデモを始めたときに webdemo-loader.js が読みます。
@@ -23,6 +24,9 @@ from docutils import nodes
 from sphinx.application import Sphinx
 from sphinx.config import Config
 from sphinx.errors import ExtensionError
+from sphinx.util import logging
+
+logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_DIST = ROOT / "node_modules" / "onnxruntime-web" / "dist"
@@ -105,6 +109,13 @@ def _page_assets(app: Sphinx, pagename: str, templatename: str, context: dict,
     names = demos_in(doctree)
     if not names:
         return
+    for name in names:
+        meta = demo_source() / f"{name}.json"
+        if not meta.is_file():
+            logger.warning(
+                f"デモ {name} のファイル {meta} がありません。ページのセルが書き出すので、"
+                "実行結果のキャッシュ (_build/.jupyter_cache) を消してビルドし直してください",
+                location=pagename, type="webdemo", subtype="missing")
     app.add_css_file(CSS)
     app.add_js_file(LOADER, loading_method="defer")
     for name in names:

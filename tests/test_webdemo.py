@@ -130,3 +130,20 @@ def test_extension_and_book_helper_agree_on_the_runtime_and_the_folder(tmp_path,
     assert ext.RUNTIME_FILES == webdemo.RUNTIME_FILES
     monkeypatch.setenv(webdemo.ENV_DIR, str(tmp_path / "demo"))
     assert webdemo.demo_dir() == ext.demo_source() == tmp_path / "demo"
+
+
+def test_a_demo_page_without_its_exported_files_is_a_build_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv(webdemo.ENV_DIR, str(tmp_path))
+    added, warnings = [], []
+    app = SimpleNamespace(add_css_file=added.append,
+                          add_js_file=lambda name, **kw: added.append(name))
+    monkeypatch.setattr(ext.logger, "warning", lambda msg, **kw: warnings.append(msg))
+    doc = new_document("page")
+    doc += nodes.raw("", '<div data-demo="mnist"></div>', format="html")
+    ext._page_assets(app, "book/05_mnist", "page.html", {}, doc)
+    assert added == ["webdemo.css", "webdemo-loader.js", "demo-mnist.js"]
+    assert len(warnings) == 1 and "mnist.json" in warnings[0]
+    (tmp_path / "mnist.json").write_text("{}")
+    warnings.clear()
+    ext._page_assets(app, "book/05_mnist", "page.html", {}, doc)
+    assert warnings == []
