@@ -174,9 +174,35 @@ def stroke_mnist(ctx: Context) -> None:
         c.b.call("Emulation.setTouchEmulationEnabled", {"enabled": False})
 
 
+# ------------------------------------------------ 06 章: ブラウザーで生成する
+DIFFUSION_TOL = 1e-3  # [-1, 1] の画素での、ブラウザーと PyTorch の画像の最大差
+DIFFUSION_MS = 2000.0  # DDIM 20 ステップで 1 枚 (初回の後の 4 回の最短。計算機は共有なので)
+DIFFUSION_MODEL_BYTES = 6 * MB
+
+
+def check_diffusion(result: dict, ctx: Context) -> list[Row]:
+    """自己テストの画像を、章が sample() で作った画像 (diffusion-tests.json) と比べます。"""
+    vec = json.loads((ctx.demo_dir / "diffusion-tests.json").read_text(encoding="utf-8"))
+    rows = []
+    for case, got in zip(vec["cases"], result["cases"], strict=True):
+        diff = max(abs(a - b) for a, b in zip(case["image"], got["image"], strict=True))
+        s = f"s = {case['guidance']:g}"
+        rows += [
+            Row("", f"DDIM {vec['steps']} ステップ ({s}) の画像の最大差", f"{diff:.2e}",
+                f"≤ {DIFFUSION_TOL:g}", diff <= DIFFUSION_TOL),
+            Row("", f"DDIM {vec['steps']} ステップで 1 枚 (最短、{s})", f"{got['ms']:.0f} ms",
+                f"≤ {DIFFUSION_MS:g} ms", got["ms"] <= DIFFUSION_MS),
+            Row("", f"同 (中央値、{s})", f"{got['median_ms']:.0f} ms"),
+            Row("", f"同 (初回、{s})", f"{got['first_ms']:.0f} ms"),
+        ]
+    rows.append(ctx.model_size("diffusion-unet.onnx", DIFFUSION_MODEL_BYTES))
+    return rows
+
+
 # デモの名前 → (自己テストの結果を照合する関数, 自己テストの後にする操作 (無ければ None))
 CHECKS: dict[str, tuple[Callable[[dict, Context], list[Row]], Callable | None]] = {
     "mnist": (check_mnist, stroke_mnist),
+    "diffusion": (check_diffusion, None),
 }
 
 
