@@ -40,7 +40,7 @@ class GaussianMixture:
         return int(self.labels.max()) + 1
 
 
-def ring_mixture(k: int = 8, radius: float = 0.6, std: float = 0.1,
+def ring_mixture(k: int = 8, radius: float = 0.75, std: float = 0.08,
                  num_classes: int = 2) -> GaussianMixture:
     """半径 radius の円周上に等間隔に並ぶ k 個のガウス分布 (重みは等しい)。
 
@@ -155,7 +155,7 @@ class ToyDenoiser(nn.Module):
 
 
 def train_toy(mix: GaussianMixture, sched: NoiseSchedule, steps: int = 2000,
-              batch_size: int = 256, lr: float = 1e-2, p_uncond: float = 0.3,
+              batch_size: int = 512, lr: float = 1e-2, p_uncond: float = 0.5,
               seed: int = 0, hidden: int = 64) -> tuple[ToyDenoiser, list[float]]:
     """画像と同じ損失 (``train.training_loss``) で ToyDenoiser を学習します。
 
