@@ -20,6 +20,7 @@ class _Velocity(torch.nn.Module):
     """x_0 が 1 点 (すべて c) のときの正確な速度 v = (x_t - c) / t を返すモデル。"""
 
     in_channels, image_size, null_class = 1, 32, 10
+    sample_shape = (1, 32, 32)
 
     def __init__(self, c: float) -> None:
         super().__init__()

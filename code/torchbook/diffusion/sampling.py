@@ -201,7 +201,7 @@ def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Te
            spacing: str = DEFAULT_SPACING, seed: int | None = 0, device: str | torch.device = "cpu",
            bf16: bool = False, trajectory_every: int | None = None, progress: bool = False,
            x_T: torch.Tensor | None = None, clip: bool = True):
-    """純粋なノイズ x_T ~ N(0, I) から n 枚の画像 (n, C, H, W)・[-1, 1] を作ります。
+    """純粋なノイズ x_T ~ N(0, I) から n 個の標本 (n, *model.sample_shape)・[-1, 1] を作ります。
 
     - method="ddpm": T ステップの祖先サンプリング (steps は無視)。
     - method="ddim": steps ステップの DDIM (eta=0 で決定的、時刻の選び方は spacing)。
@@ -220,7 +220,7 @@ def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Te
       t は論文の番号 (x_T の T から x_0 の 0 まで) です。
     """
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    shape = (n, model.in_channels, model.image_size, model.image_size)
+    shape = (n, *model.sample_shape)  # UNet なら (n, C, H, W)、2 次元の例なら (n, 2)
 
     def randn() -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(device)

@@ -66,6 +66,7 @@ class UNet(nn.Module):
                        "num_classes": num_classes, "image_size": image_size,
                        "groups": groups, "dropout": dropout, "patch_size": patch_size}
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.sample_shape = (in_channels, image_size, image_size)  # sample() が作る 1 枚の形
         self.null_class = num_classes
         self.patch_size = patch_size
         c_io = in_channels * patch_size**2
