@@ -32,6 +32,7 @@ class LinearEps(nn.Module):
     """
 
     in_channels, image_size, null_class = 1, SIZE, NULL
+    sample_shape = (1, SIZE, SIZE)
 
     def __init__(self, sched: NoiseSchedule) -> None:
         super().__init__()
