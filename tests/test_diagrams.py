@@ -105,3 +105,39 @@ def test_png_records_smallest_font_size():
     ax.axis("off")  # 軸を消すと目盛りの数字 (10 pt) も数えない
     assert plotting.smallest_font_pt(fig) == 14
     plotting.plt.close(fig)
+
+
+def test_diffusion_chain_has_both_directions_and_japanese_labels():
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+
+    svg = plotting.diffusion_chain_svg()
+    texts = svg_texts(svg)  # ラスター画像なし、フォントは汎用フォントに落ちる
+    assert any("前向き過程" in t for t in texts) and any("逆向き過程" in t for t in texts)
+    root = ET.fromstring(svg.encode("utf-8"))
+    labels = ["".join(t.itertext()) for t in root.iter(f"{SVG_NS}text")]
+    assert "q(xt | xt−1)" in labels and "pθ(xt−1 | xt)" in labels
+    assert {"x0", "x1", "xt−1", "xt", "xT"} <= set(labels)
+    lines = list(root.iter(f"{SVG_NS}line"))
+    assert sum("chain-q" in ln.get("marker-end") for ln in lines) == 6  # 右向きが 6 本
+    assert sum("chain-p" in ln.get("marker-end") for ln in lines) == 6  # 左向きが 6 本
+    for ln in lines:  # q は右向き、p_θ は左向き
+        right = float(ln.get("x2")) > float(ln.get("x1"))
+        assert right == ("chain-q" in ln.get("marker-end"))
+    for t in root.iter(f"{SVG_NS}text"):  # 添字も含めて、文字は 11 以上
+        for n in [t, *t.iter(f"{SVG_NS}tspan")]:
+            assert n.get("font-size") is None or float(n.get("font-size")) >= 11
+
+    images = [torch.full((1, 32, 32), v) for v in (-1.0, -0.5, 0.0, 0.5, 1.0)]
+    svg = plotting.diffusion_chain_svg(images)
+    root = ET.fromstring(svg.encode("utf-8"))
+    hrefs = [im.get("href") for im in root.iter(f"{SVG_NS}image")]
+    assert len(hrefs) == 5 and all(h.startswith("data:image/png;base64,") for h in hrefs)
+    png = Image.open(io.BytesIO(base64.b64decode(hrefs[2].split(",", 1)[1])))
+    assert png.size == (32, 32) and png.getpixel((0, 0)) in (127, 128)  # 0 は灰色
+    assert svg == plotting.diffusion_chain_svg(images)  # ビルドのたびに同じ
+    with pytest.raises(ValueError, match="5 枚"):
+        plotting.diffusion_chain_svg(images[:3])

@@ -350,3 +350,119 @@ def unet_diagram_svg(config: dict) -> str:
         e.node("emb", f"和 ({4 * ch[0]} 次元)\n各 ResBlock へ", fillcolor="#e6f4e6")
         e.edges([("t", "emb"), ("y", "emb")])
     return dot_svg(g.source)
+
+
+
+def _png_data_uri(image: torch.Tensor, value_range: tuple[float, float] = (-1, 1)) -> str:
+    """(1, H, W) か (H, W) の灰色の画像を、SVG に埋め込める PNG の data URI にします。"""
+    import base64
+    import io
+
+    from PIL import Image
+
+    lo, hi = value_range
+    a = ((image.detach().float().reshape(image.shape[-2:]) - lo) / (hi - lo)).clamp(0, 1)
+    buf = io.BytesIO()
+    Image.fromarray((a * 255).round().to(torch.uint8).numpy(), mode="L").save(
+        buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _math_text(x: float, y: float, parts: Sequence[tuple[str, str]], size: int = 14,
+               color: str = "#222222") -> str:
+    """数式の小さな断片を SVG の <text> にします。parts は (文字, 種類) の列です。
+
+    種類は "i" (斜体の変数)、"r" (立体)、"si" / "sr" (添字の斜体 / 立体) です。添字は
+    小さくして下げます (tspan の dy)。文字は文字のまま残ります。
+    """
+    from xml.sax.saxutils import escape
+
+    spans, low = [], False
+    for text, kind in parts:
+        sub = kind.startswith("s")
+        attrs = ' font-style="italic"' if kind.endswith("i") else ""
+        if sub:
+            attrs += f' font-size="{round(size * 0.78)}"'
+        if sub != low:
+            attrs += f' dy="{4 if sub else -4}"'
+            low = sub
+        spans.append(f"<tspan{attrs}>{escape(text)}</tspan>")
+    return (f'<text x="{x:g}" y="{y:g}" text-anchor="middle" font-family="{SVG_FONTS}" '
+            f'font-size="{size}" fill="{color}">{"".join(spans)}</text>')
+
+
+def diffusion_chain_svg(thumbnails: Sequence[torch.Tensor] | None = None) -> str:
+    """拡散モデルの鎖 x_0 → x_1 → … → x_{t-1} → x_t → … → x_T を SVG で返します。
+
+    右向きの矢印 (上、橙) が前向き過程 q(x_t | x_{t-1})、左向きの矢印 (下、青) が逆向き過程
+    p_θ(x_{t-1} | x_t) です。thumbnails に 5 枚の画像 (x_0, x_1, x_{t-1}, x_t, x_T の順、
+    画素値 [-1, 1]) を渡すと、各ノードの中に小さく描きます (PNG を data URI で埋め込みます)。
+    文字は <text> のまま残し、読者のブラウザーが自分の日本語フォントで描きます。
+    """
+    from xml.sax.saxutils import escape
+
+    subs = [[("0", "sr")], [("1", "sr")], [("t", "si"), ("−1", "sr")], [("t", "si")],
+            [("T", "si")]]
+    notes = ["画像", "", "", "", "ノイズ"]
+    if thumbnails is not None and len(thumbnails) != len(subs):
+        raise ValueError(f"thumbnails は {len(subs)} 枚にしてください "
+                         f"(受け取ったのは {len(thumbnails)} 枚)")
+    q_color, p_color, width = "#a85400", "#1f5fa8", 680
+    box_w, thumb = 66, 44
+    box_h = 26 + (thumb + 4 if thumbnails is not None else 0) + 18
+    top, mid_gap = 44, 12  # ノードの上端、矢印を中央から上下にずらす量
+    mid = top + box_h / 2
+    centers = {"n0": 46, "n1": 150, "d1": 224, "n2": 298, "n3": 494, "d3": 568, "n4": 634}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
+           f'height="{top + box_h + 44}" viewBox="0 0 {width} {top + box_h + 44}">',
+           "<defs>"]
+    for name, c in (("q", q_color), ("p", p_color)):
+        out.append(f'<marker id="chain-{name}" viewBox="0 0 10 10" refX="9" refY="5" '
+                   f'markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
+                   f'<path d="M0,0 L10,5 L0,10 z" fill="{c}"/></marker>')
+    out.append("</defs>")
+    out.append(f'<rect width="{width}" height="{top + box_h + 44}" fill="#ffffff"/>')
+
+    def legend(y: float, color: str, text: str) -> str:
+        return (f'<text x="{width / 2:g}" y="{y:g}" text-anchor="middle" '
+                f'font-family="{SVG_FONTS}" font-size="14" fill="{color}">{escape(text)}</text>')
+
+    out.append(legend(22, q_color,
+                      "→ 前向き過程: ノイズを少しずつ加える (決まった式で、学習しない)"))
+    for k, key in enumerate(["n0", "n1", "n2", "n3", "n4"]):
+        cx = centers[key]
+        out.append(f'<rect x="{cx - box_w / 2:g}" y="{top}" width="{box_w}" height="{box_h}" '
+                   f'rx="8" fill="#f4f6fa" stroke="#8a94a6"/>')
+        out.append(_math_text(cx, top + 19, [("x", "i"), *subs[k]], size=16))
+        y = top + 26
+        if thumbnails is not None:
+            out.append(f'<image x="{cx - thumb / 2:g}" y="{y}" width="{thumb}" height="{thumb}" '
+                       f'style="image-rendering:pixelated" href="{_png_data_uri(thumbnails[k])}"/>')
+            y += thumb + 4
+        if notes[k]:
+            out.append(f'<text x="{cx}" y="{y + 12}" text-anchor="middle" '
+                       f'font-family="{SVG_FONTS}" font-size="12" fill="#333333">'
+                       f"{notes[k]}</text>")
+    for key in ("d1", "d3"):
+        out.append(f'<text x="{centers[key]}" y="{mid + 5:g}" text-anchor="middle" '
+                   f'font-family="{SVG_FONTS}" font-size="18" fill="#333333">…</text>')
+    order = ["n0", "n1", "d1", "n2", "n3", "d3", "n4"]
+    for a, b in zip(order[:-1], order[1:], strict=True):
+        x0 = centers[a] + (box_w / 2 if a.startswith("n") else 12) + 3
+        x1 = centers[b] - (box_w / 2 if b.startswith("n") else 12) - 3
+        out.append(f'<line x1="{x0:g}" y1="{mid - mid_gap:g}" x2="{x1:g}" y2="{mid - mid_gap:g}" '
+                   f'stroke="{q_color}" stroke-width="1.6" marker-end="url(#chain-q)"/>')
+        out.append(f'<line x1="{x1:g}" y1="{mid + mid_gap:g}" x2="{x0:g}" y2="{mid + mid_gap:g}" '
+                   f'stroke="{p_color}" stroke-width="1.6" marker-end="url(#chain-p)"/>')
+    cq = (centers["n2"] + centers["n3"]) / 2
+    out.append(_math_text(cq, mid - mid_gap - 8, [("q", "i"), ("(", "r"), ("x", "i"), ("t", "si"),
+                                                  (" | ", "r"), ("x", "i"), ("t", "si"),
+                                                  ("−1", "sr"), (")", "r")], color=q_color))
+    out.append(_math_text(cq, mid + mid_gap + 20, [("p", "i"), ("θ", "sr"), ("(", "r"),
+                                                   ("x", "i"), ("t", "si"), ("−1", "sr"),
+                                                   (" | ", "r"), ("x", "i"), ("t", "si"),
+                                                   (")", "r")], color=p_color))
+    out.append(legend(top + box_h + 30, p_color,
+                      "← 逆向き過程: ノイズを少しずつ取り除く (ニューラルネットワークで学習する)"))
+    out.append("</svg>")
+    return "\n".join(out)

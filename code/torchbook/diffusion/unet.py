@@ -127,3 +127,43 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
             h = up(h)
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)
+
+
+def trace_shapes(model: UNet, x: torch.Tensor, t: torch.Tensor,
+                 y: torch.Tensor | None = None) -> list[dict]:
+    """1 回の順伝播で、ブロックごとの入力と出力の形とパラメーター数を実行順に記録します。
+
+    forward フックで測るので、``UNet.forward`` を書き換えずに形を追えます。
+    ``pixel_unshuffle`` と ``pixel_shuffle`` はモジュールではなく関数なので、``conv_in`` の
+    入力と最後の出力から行を作ります。``nn.Identity`` (何もしない層) は表に入れません。
+    各行は {"name", "in", "out", "params"} の辞書です (形はタプル)。
+    """
+    rows: list[dict] = []
+    blocks = []
+    for name, child in model.named_children():
+        items = (list(child.named_children()) if isinstance(child, nn.ModuleList)
+                 else [("", child)])
+        for i, m in items:
+            if not isinstance(m, nn.Identity):
+                blocks.append((f"{name}.{i}" if i else name, m))
+
+    def hook(name: str, n_params: int):
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            rows.append({"name": name, "in": tuple(inputs[0].shape),
+                         "out": tuple(output.shape), "params": n_params})
+        return record
+
+    handles = [m.register_forward_hook(hook(name, sum(p.numel() for p in m.parameters())))
+               for name, m in blocks]
+    try:
+        with torch.no_grad():
+            out = model(x, t, y)
+    finally:
+        for h in handles:
+            h.remove()
+    i = next(k for k, r in enumerate(rows) if r["name"] == "conv_in")
+    rows.insert(i, {"name": "pixel_unshuffle", "in": tuple(x.shape),
+                    "out": rows[i]["in"], "params": 0})
+    rows.append({"name": "pixel_shuffle", "in": rows[-1]["out"], "out": tuple(out.shape),
+                 "params": 0})
+    return rows
