@@ -28,9 +28,17 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from booktools.sampler_table import fid_nfe_table, format_table, measure_live, read_evals
+from booktools.sampler_table import (
+    best_overall,
+    best_per_budget,
+    fid_nfe_table,
+    format_table,
+    measure_live,
+    read_evals,
+)
 from torchbook.diffusion.checkpoint import DEFAULT_CHECKPOINT, WEIGHTS_DIR, load_checkpoint
 from torchbook.diffusion.device import bf16_supported
+from torchbook.diffusion.evaluate import parse_task
 from torchbook.diffusion.sampling import sample
 from torchbook.diffusion.schedule import NoiseSchedule
 from torchbook.diffusion.train import training_loss
@@ -159,14 +167,33 @@ def article_step(model, x, bf16):
     return step
 
 
-def fid_nfe_report(n: int, guidance: float, live_n: int | None) -> None:
-    """5. FID と NFE の表 (来歴 JSON) と、必要なら小さな n での測り直し。"""
+GOALS = {10: 2.0, 20: 1.6}  # イシューで決めた目標 (test の比): NFE ≤ 10 で 2.0×、≤ 20 で 1.6×
+GOAL_OVERALL = 1.4  # 全体で最良のサンプラーの目標
+
+
+def fid_nfe_report(n: int, guidance: float | None, live_n: int | None) -> None:
+    """5. FID と NFE の表 (来歴 JSON)、val で選んだものの test の比と目標、必要なら測り直し。"""
     paths = [DEFAULT_CHECKPOINT.with_suffix(".json"), FLOW_CHECKPOINT.with_suffix(".json")]
     found = [path.name for path in paths if path.is_file()]
+    if guidance is None:  # val で選んだサンプラー (selection の chosen) の s を使う
+        sel = json.loads(paths[0].read_text(encoding="utf-8")).get("selection", {})
+        guidance = parse_task(sel["chosen"])["guidance_scale"] if sel else 1.0
     rows = fid_nfe_table(read_evals(paths), n, guidance)
     print(f"\nFID と NFE (来歴 JSON {', '.join(found)}、n = {n}、guidance s = {guidance:g}。"
           "比 = FID ÷ 同じ split・n の本物どうしの FID の平均)")
     print(format_table(rows) if rows else "  (この n と s で測った結果がありません)")
+    best = best_per_budget(rows)
+    for b, (name, cell) in best.items():
+        goal = f" (目標 {GOALS[b]:.1f}×: {'達成' if cell['ratio'] <= GOALS[b] else '未達'})" \
+            if b in GOALS else ""
+        print(f"  NFE ≤ {b:>3}: val で選んだ {name} {cell['task']} の test の比 "
+              f"{cell['ratio']:.2f}×{goal}")
+    overall = best_overall(rows)
+    if overall:
+        name, cell = overall
+        ok = "達成" if cell["ratio"] <= GOAL_OVERALL else "未達"
+        print(f"  全体: val で選んだ {name} {cell['task']} の test の比 {cell['ratio']:.2f}× "
+              f"(目標 {GOAL_OVERALL:.1f}×: {ok})")
     if not live_n:
         return
     print(f"\n今のコードで測り直し (val、n = {live_n}、CPU・fp32、threads="
@@ -193,7 +220,8 @@ def main() -> None:
     p.add_argument("--fid-nfe", action="store_true",
                    help="FID と NFE の表 (来歴 JSON) だけを表示する (速さは測らない)")
     p.add_argument("--n", type=int, default=1000, help="表に使う評価の枚数 (来歴 JSON の n)")
-    p.add_argument("--guidance", type=float, default=1.0, help="表に使う guidance s")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="表に使う guidance s (既定: val で選んだサンプラーの s)")
     p.add_argument("--live-n", type=int, default=None,
                    help="この枚数で NFE 10 の数セルを今のコードで測り直す (例: 100)")
     args = p.parse_args()

@@ -73,3 +73,26 @@ def test_benchmark_prints_the_table_from_the_shipped_json():
                           "--live-n", "15"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "--live-n" in bad.stderr.splitlines()[-1]
+
+
+def test_best_is_chosen_on_val_and_reported_on_test():
+    from booktools.sampler_table import best_overall, best_per_budget
+
+    ev = {
+        "val/reference@100": {"split": "val", "n": 100, "fid": 1.0, "fid_mean": 1.0},
+        "test/reference@100": {"split": "test", "n": 100, "fid": 1.0, "fid_mean": 1.0},
+        # val では DPM が良く、test では DDIM が良い: 選ぶのは val で、報告は DPM の test
+        "val/ddim:10:1:1@100": _e("val", "ddim:10:1:1", "ddim", 5.0, 10, eta=1.0),
+        "test/ddim:10:1:1@100": _e("test", "ddim:10:1:1", "ddim", 2.0, 10, eta=1.0),
+        "val/dpm:10:1@100": _e("val", "dpm:10:1", "dpm++2m", 4.0, 10),
+        "test/dpm:10:1@100": _e("test", "dpm:10:1", "dpm++2m", 6.0, 10),
+        "val/dpm:50:1@100": _e("val", "dpm:50:1", "dpm++2m", 4.5, 50),
+        "test/dpm:50:1@100": _e("test", "dpm:50:1", "dpm++2m", 1.5, 50),
+    }
+    rows = fid_nfe_table(ev, n=100)
+    best = best_per_budget(rows)
+    assert best[10][0] == "DPM-Solver++ 2M" and best[10][1]["fid"] == 6.0
+    assert best_per_budget(rows, names=("DDIM η=1",))[10][1]["fid"] == 2.0
+    assert 5 not in best  # 測っていない予算は省く
+    name, cell = best_overall(rows)  # val の最小は dpm:10 (4.0)。test で良い dpm:50 ではない
+    assert (name, cell["task"], cell["fid"]) == ("DPM-Solver++ 2M", "dpm:10:1", 6.0)

@@ -93,6 +93,41 @@ def fid_nfe_table(evals: dict[str, dict], n: int = 1000, guidance: float = 1.0,
     return rows
 
 
+def best_per_budget(rows: list[dict], budgets: tuple[int, ...] = NFE_BUDGETS,
+                    names: tuple[str, ...] | None = None) -> dict[int, tuple[str, dict]]:
+    """予算ごとに val の FID が最小のサンプラーを選び、{予算: (表示名, test のセル)} を返します。
+
+    選ぶのは val、報告するのは同じタスクの test です (test の値で選び直さない)。
+    names を渡すと、その行 (SAMPLERS の表示名) の中だけから選びます。
+    test のセルがまだ無い予算は省きます。
+    """
+    table = {(r["sampler"], r["split"]): r for r in rows}
+    best = {}
+    for b in budgets:
+        cands = [(row["cells"][b]["fid"], name) for (name, split), row in table.items()
+                 if split == "val" and row["cells"].get(b) and (names is None or name in names)]
+        if not cands:
+            continue
+        name = min(cands)[1]
+        test = table.get((name, "test"), {"cells": {}})["cells"].get(b)
+        if test is not None:
+            best[b] = (name, test)
+    return best
+
+
+def best_overall(rows: list[dict]) -> tuple[str, dict] | None:
+    """NFE を問わず val の FID が最小のタスクと、同じタスクの test のセルを返します。"""
+    table = {(r["sampler"], r["split"]): r for r in rows}
+    cands = [(c["fid"], name, c["task"]) for (name, split), row in table.items()
+             if split == "val" for c in row["cells"].values() if c]
+    if not cands:
+        return None
+    _, name, task = min(cands)
+    test = table.get((name, "test"), {"cells": {}})["cells"]
+    cell = next((c for c in test.values() if c and c["task"] == task), None)
+    return (name, cell) if cell else None
+
+
 def _width(text: str) -> int:
     """端末での表示幅 (全角の文字は 2)。"""
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
