@@ -17,7 +17,8 @@ from diffusion_fixtures import SRC, WEIGHTS, fashion_root, run_module
 
 from torchbook.diffusion import classifier, evaluate, options, sample, train
 
-LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options"}
+LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
+           "toy"}
 CLIS = {"train", "sample", "evaluate", "classifier"}
 
 
