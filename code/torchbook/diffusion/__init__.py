@@ -1,7 +1,8 @@
-"""DDPM / DDIM による画像生成 (Fashion-MNIST)。このフォルダーごとコピーして使えます。
+"""拡散モデルとフローマッチングの画像生成 (Fashion-MNIST)。フォルダーごとコピーして使えます。
 
 下の層 (ライブラリ): ``schedule`` (ノイズスケジュール)、``unet`` (ε を予測する UNet)、
 ``sampling`` (DDPM・DDIM・DPM-Solver++・フローの ODE・guidance と既定値)、
+``losses`` (ε 予測とフローマッチングの損失)、``toy`` (2 次元の例)、
 ``checkpoint`` (ファイル形式と読み書き)、``data`` (Fashion-MNIST)、``metrics`` (FID・KID と
 特徴を作る分類器)、``device`` (デバイスと bf16・channels_last の決定)、``options`` (CLI の
 引数の型と確認)。

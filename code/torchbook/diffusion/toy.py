@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import training_loss
 from .schedule import NoiseSchedule
-from .train import training_loss
 from .unet import timestep_embedding
 
 
@@ -157,7 +157,7 @@ class ToyDenoiser(nn.Module):
 def train_toy(mix: GaussianMixture, sched: NoiseSchedule, steps: int = 2000,
               batch_size: int = 512, lr: float = 1e-2, p_uncond: float = 0.5,
               seed: int = 0, hidden: int = 64) -> tuple[ToyDenoiser, list[float]]:
-    """画像と同じ損失 (``train.training_loss``) で ToyDenoiser を学習します。
+    """画像と同じ損失 (``losses.training_loss``) で ToyDenoiser を学習します。
 
     データは毎ステップ混合から新しく引きます。学習率はコサインで 0 まで下げます。
     学習したモデル (eval モード) と、ステップごとの損失を返します。
