@@ -2,14 +2,14 @@
 //
 // サンプラーは code/torchbook/diffusion/sampling.py の guided_eps と ddim_step を 1 行ずつ
 // 写したもので、変数名も Python と同じにしています。ᾱ_t、DDIM の時刻、クラス名は
-// ビルドが書き出した diffusion-meta.json から読みます (ここには数値を書き写しません)。
+// ビルドが書き出した diffusion.json から読みます (ここには数値を書き写しません)。
 // ランタイムとモデルは「生成」を押したときに初めて読みます (webdemo-loader.js)。
 (() => {
   "use strict";
 
   const demo = window.torchbookDemo;
   const MODEL = "diffusion-unet.onnx";
-  const META = "diffusion-meta.json";
+  const META = "diffusion.json";
   const TESTS = "diffusion-tests.json";
 
   // ---------------------------------------------------------------- シードつきの乱数

@@ -25,7 +25,7 @@ SCRIPT = ROOT / "_static" / "demo-diffusion.js"
 RUNNER = r"""
 const fs = require("fs"), vm = require("vm");
 const [script, metaPath, vecPath] = process.argv.slice(1);
-const files = { "diffusion-meta.json": JSON.parse(fs.readFileSync(metaPath, "utf8")),
+const files = { "diffusion.json": JSON.parse(fs.readFileSync(metaPath, "utf8")),
                 "diffusion-tests.json": JSON.parse(fs.readFileSync(vecPath, "utf8")) };
 class Tensor { constructor(type, data, dims) { Object.assign(this, { type, data, dims }); } }
 const session = { run: async (feeds) => {

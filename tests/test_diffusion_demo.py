@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,11 @@ def test_demo_html_controls_come_from_metadata(model_and_meta):
     assert len(ids) == len(set(ids)) == 5
     assert sorted(re.findall(r'<label for="([^"]+)"', page)) == sorted(ids)
     assert page.count('role="img" aria-label=') == 2  # キャンバスの代わりの文
+
+
+def test_metadata_file_is_the_one_the_site_extension_looks_for():
+    # _ext/webdemo.py は data-demo="<name>" のページに <name>.json があるかを確かめ、無ければ
+    # ビルドの警告 (CI では失敗) にする。書き出す名前とずれると、デモが読めないまま公開される
+    js = (Path(__file__).resolve().parents[1] / "_static" / "demo-diffusion.js").read_text()
+    assert diffusion_demo.META_FILE == "diffusion.json"
+    assert f'const META = "{diffusion_demo.META_FILE}"' in js

@@ -25,7 +25,7 @@ from torchbook.diffusion.schedule import NoiseSchedule
 from torchbook.diffusion.unet import UNet
 
 MODEL_FILE = "diffusion-unet.onnx"  # 名前は demo-diffusion.js と同じ
-META_FILE = "diffusion-meta.json"
+META_FILE = "diffusion.json"
 TEST_FILE = "diffusion-tests.json"
 STEPS_RANGE = (10, 50)  # デモで選べる DDIM のステップ数
 TEST_STEPS = 20
