@@ -126,6 +126,10 @@ def fix_html(text: str, is_search_page: bool, plain_tokens: set[str] = frozenset
     text = text.replace('role="doc-biblioentry"', 'role="listitem"')
     # 折りたたみの英語のラベル「Toggle hidden content」は、見えている日本語の文字と食い違う
     text = text.replace('<summary aria-label="Toggle hidden content">', "<summary>")
+    # 章の一覧で節を開閉する ▼ には文字が無いので、読み上げ用の名前を付ける
+    text = text.replace('<summary><span class="toctree-toggle" role="presentation">',
+                        '<summary aria-label="節の一覧を開閉"><span class="toctree-toggle" '
+                        'role="presentation">')
     # 本文の画像は、画面に近づいてから読む (初回表示を軽くする)
     text = IMG_TAG.sub(r'<img loading="lazy" ', text)
     return text

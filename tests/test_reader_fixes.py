@@ -31,6 +31,8 @@ def test_fix_html_removes_heavy_and_duplicate_scripts_and_fixes_labels():
         '<button class="btn search-button__button" title="検索" aria-label="検索">'
         "検索 Ctrl+K</button>"
         '<summary aria-label="Toggle hidden content">コードを表示</summary>'
+        '<details open="open"><summary><span class="toctree-toggle" role="presentation">'
+        '<i class="fa-solid fa-chevron-down"></i></span></summary></details>'
         '<div role="doc-biblioentry"></div><img alt="図" src="../_images/a.png" /></body></html>'
     )
     out = fix_html(page, is_search_page=False)
@@ -41,6 +43,7 @@ def test_fix_html_removes_heavy_and_duplicate_scripts_and_fixes_labels():
     assert 's.src = "../_static/mathjax/startup.js?v=4ba68244"' in out
     assert 'aria-label="検索"' not in out and "<summary>" in out
     assert 'role="listitem"' in out and '<img loading="lazy" alt="図"' in out
+    assert '<summary aria-label="節の一覧を開閉"><span class="toctree-toggle"' in out  # axe
     assert "searchtools.js" in fix_html(page, is_search_page=True)
 
 
