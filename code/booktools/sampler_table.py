@@ -19,7 +19,7 @@ import os
 import unicodedata
 from pathlib import Path
 
-from torchbook.diffusion.evaluate import NFE_BUDGETS, parse_task, task_nfe
+from torchbook.diffusion.evaluation import NFE_BUDGETS, parse_task, task_nfe
 from torchbook.diffusion.metrics import SPLITS
 
 # (表示名, method, eta) (eta が None のサンプラーは η を持たない)
@@ -173,7 +173,7 @@ def measure_live(checkpoint: str | os.PathLike, tasks: list[str], n: int, split:
     from booktools.data import data_root as default_root
     from torchbook.diffusion.checkpoint import load_checkpoint, load_classifier
     from torchbook.diffusion.data import load_tensors
-    from torchbook.diffusion.evaluate import run_task
+    from torchbook.diffusion.evaluation import run_task
 
     model, sched, _ = load_checkpoint(checkpoint)
     clf = load_classifier()
