@@ -40,14 +40,19 @@ def fashion_mnist(root: str | os.PathLike, train: bool = True, download: bool = 
     try:
         ds = datasets.FashionMNIST(str(root), train=train, download=download, transform=TRANSFORM)
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # 無い、または途中で切れたなど
+        if download and "download" in str(e).lower():  # torchvision: "Error downloading ..."
+            raise OSError(
+                f"Fashion-MNIST をダウンロードできませんでした ({' '.join(str(e).split())})。"
+                "ネットワークにつながる計算機でダウンロード (CLI なら --download) し、できた "
+                f"FashionMNIST フォルダーをこの計算機の {root} の下へコピーしてください") from e
         if isinstance(e, RuntimeError) and "not found" in str(e).lower():
             raise FileNotFoundError(
                 f"{root / 'FashionMNIST' / 'raw'} に Fashion-MNIST がありません。"
-                "--download を付けて実行すると torchvision がダウンロードします (約 30 MB)。"
-                "別の場所にあるなら --data-root でそのフォルダーを指定してください") from e
-        raise ValueError(f"{root / 'FashionMNIST'} のファイルが壊れています ({e})。"
-                         "そのフォルダーを消してから --download を付けて取り直してください"
-                         ) from e
+                "download=True (CLI なら --download) で torchvision がダウンロードします "
+                "(約 30 MB)。別の場所にあるなら root (CLI なら --data-root) にそのフォルダーを"
+                "渡してください") from e
+        raise ValueError(f"{root / 'FashionMNIST'} のファイルが壊れています ({e})。そのフォルダーを"
+                         "消してから、ダウンロードし直してください (CLI なら --download)") from e
     check_labels(ds.targets, root)
     return ds
 
@@ -59,7 +64,7 @@ def check_labels(labels: torch.Tensor, root: str | os.PathLike) -> None:
         raise ValueError(
             f"{root} の Fashion-MNIST のラベルに範囲外の値 ({labels[bad][0].item()} など "
             f"{int(bad.sum())} 個) があります。データが壊れています: FashionMNIST フォルダーを"
-            "消してから --download を付けて取り直してください")
+            "消してから、ダウンロードし直してください (CLI なら --download)")
 
 
 def load_tensors(root: str | os.PathLike, train: bool = True,

@@ -22,6 +22,13 @@
 
 from __future__ import annotations
 
+if not __package__:  # ファイルを直接実行した (python sample.py など): 下の相対 import が使えない
+    _f = __import__("pathlib").Path(__file__).resolve()
+    _top = _f.parents[1] if (_f.parents[1] / "__init__.py").is_file() else _f.parent
+    print(f"python -m {'.'.join(_f.relative_to(_top.parent).with_suffix('').parts)} のように"
+          f" -m で実行してください (フォルダー {_top.parent} で)", file=__import__("sys").stderr)
+    raise SystemExit(2)  # 使い方の誤り (argparse と同じ終了コード)
+
 import argparse
 import json
 import math
@@ -116,7 +123,8 @@ def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, last: Pat
     return ckpt
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
         description="Fashion-MNIST で DDPM (ε 予測) かフローマッチングのモデル (v 予測) を"
                     "クラス条件付きで学習します",
@@ -175,6 +183,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="学習画像の枚数を制限する (試し用)")
     p.add_argument("--dry-run", action="store_true",
                    help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.resume and args.force:
         p.error("--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)")
