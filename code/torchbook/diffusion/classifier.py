@@ -19,12 +19,8 @@ FID や KID は「画像をある特徴空間に写し、本物と生成物の�
 
 from __future__ import annotations
 
-if not __package__:  # ファイルを直接実行した (python sample.py など): 下の相対 import が使えない
-    _f = __import__("pathlib").Path(__file__).resolve()
-    _top = _f.parents[1] if (_f.parents[1] / "__init__.py").is_file() else _f.parent
-    print(f"python -m {'.'.join(_f.relative_to(_top.parent).with_suffix('').parts)} のように"
-          f" -m で実行してください (フォルダー {_top.parent} で)", file=__import__("sys").stderr)
-    raise SystemExit(2)  # 使い方の誤り (argparse と同じ終了コード)
+if not __package__:  # ファイルを直接実行した: 下の相対 import の代わりに -m を 1 行で案内する
+    import direct_run  # noqa: F401
 
 import argparse
 import json
