@@ -251,7 +251,7 @@ def test_evaluate_tasks_parse_and_reject_typos(capsys, tmp_path):
     assert (d["steps"], d["eta"], d["guidance_scale"], d["task"]) == (20, 1.0, 1.0, "ddim:20:1:1")
     assert evaluation.parse_task("ddim:50:0:2.5")["task"] == "ddim:50:0:2.5"
     assert evaluation.parse_task("ddpm")["method"] == "ddpm"
-    for bad in ["ddim", "ddim:x", "ddpm:3:1", "ddim:1:2:3:4", "floor", "ddim:0"]:
+    for bad in ["ddim", "ddim:x", "ddpm:3:1", "ddim:1:2:3:4", "floors", "ddim:0"]:
         with pytest.raises(SystemExit):
             evaluate.parse_args([*out, "--tasks", "reference", bad])
         assert "ddim:<steps>[:<eta>[:<s>]]" in capsys.readouterr().err

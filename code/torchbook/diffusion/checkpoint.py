@@ -66,8 +66,11 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)  # 書き終えたファイルとの入れ替えは一瞬 (途中の状態がない)
-    except (OSError, RuntimeError) as e:  # torch.save の書き込みの失敗は RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save の書き込みの失敗は RuntimeError で来る
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and not any(
+                w in str(e) for w in ("inline_container", "PytorchStreamWriter")):
+            raise  # 書き込みではない失敗 (保存できない中身など) はそのまま
         kept = "前のファイルはそのまま残っています" if path.exists() else "何も書いていません"
         reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).splitlines()[0]
         raise OSError(f"{path} を保存できませんでした ({reason[:120]})。{kept}。"

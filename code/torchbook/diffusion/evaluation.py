@@ -1,6 +1,6 @@
 """評価の部品: タスク名の解釈、1 つのタスクの実行、結果の JSON (来歴) への追記と選択。
 
-``evaluate`` CLI と本の補助 (``booktools.sampler_table``) が使います。
+``evaluate`` CLI と、本の表を作る補助が使います。
 
 タスク: ``reference`` (同じ枚数の本物どうしの FID とそのばらつき)、``chosen`` (JSON の
 ``selection`` で選ばれたサンプラー)。ε を予測する DDPM のチェックポイントには
