@@ -26,6 +26,7 @@ import os
 import shutil
 import struct
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -83,20 +84,31 @@ def check_root(root: Path) -> None:
 
 
 # ---------------------------------------------------------------- IDX の読み書き
-def atomic_write(path: Path, payload: bytes, compress: bool = False) -> None:
-    """同じフォルダーの一意な一時ファイルに書いてから ``os.replace`` で置きます。"""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """``path`` の代わりに書く一時ファイルの名前を渡し、書き終えたら ``os.replace`` で置きます。
+
+    一時ファイルは同じフォルダーの一意な名前です。失敗したら消し、``path`` は前のまま残ります。
+    ファイルはふつうに作られるので、権限はほかのファイルと同じく umask で決まります
+    (``mkstemp`` の 0600 ではありません)。
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as raw:
-            if compress:
-                with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-                    f.write(payload)
-            else:
-                raw.write(payload)
+        yield tmp
         os.replace(tmp, path)  # 書きかけのファイルを残さない
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, payload: bytes, compress: bool = False) -> None:
+    """バイト列を原子的に書きます (``compress`` なら gzip で。日付を入れないので毎回同じ)。"""
+    with atomic_path(path) as tmp, open(tmp, "xb") as raw:
+        if compress:
+            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+                f.write(payload)
+        else:
+            raw.write(payload)
 
 
 def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
