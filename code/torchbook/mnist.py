@@ -153,15 +153,16 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise DataError(f"{path} を読めません ({e})。ファイルを入れ直してください。") from e
+        raise DataError(f"{path} が壊れています (読めません: {e})。") from e
     # 先頭 4 バイト: 0, 0, 型コード (0x08 = uint8), 次元数。続いて各次元の大きさ (4 バイト)
     zero, code, ndim = struct.unpack(">HBB", data[:4]) if len(data) >= 4 else (1, 0, 0)
-    if zero != 0 or code != 0x08 or not 1 <= ndim <= 3:
-        raise DataError(f"{path} は IDX 形式の uint8 データではありません。")
+    if zero != 0 or code != 0x08 or not 1 <= ndim <= 4:
+        raise DataError(f"{path} が壊れています (先頭が uint8 の IDX の形式ではありません)。")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = data[4 + 4 * ndim :]
     if len(body) != torch.Size(shape).numel():
-        raise DataError(f"{path} の大きさがヘッダーと合いません。途中で切れていませんか。")
+        raise DataError(f"{path} が壊れています (大きさがヘッダーと合いません。"
+                        "途中で切れている可能性があります)。")
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
