@@ -537,7 +537,7 @@ def load_checkpoint(
     state, target = checkpoint["model"], unwrap(model)
     if not _matches(target.state_dict(), state):
         others = [name for name, cls in MODELS.items() if _matches(cls().state_dict(), state)]
-        hint = f"モデル {others[0]!r} の重みです。" if others else "モデルの定義が違います。"
+        hint = f"モデル {others[0]!r} の重みです" if others else "モデルの定義が違います"
         raise CheckpointError(f"{path} は {type(target).__name__} の重みではありません ({hint})",
                               model=others[0] if others else None)
     target.load_state_dict(state)
@@ -750,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             checkpoint = load_checkpoint(model, args.save_model, optimizer,
                                          None if args.extend else scheduler)
         except CheckpointError as e:
-            hint = f" --model {e.model} を指定してください。" if e.model else ""
+            hint = f"。--model {e.model} を指定してください" if e.model else ""
             parser.exit(1, f"エラー: {e}{hint}\n")
         problem = check_resume(args, config, checkpoint) if args.epochs > 0 else None
         if problem:
@@ -798,9 +798,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"\n中断しました。{saved}", file=sys.stderr)
         sys.exit(130)
     except (TrainingError, CheckpointError) as e:
-        kept = (f"前の {args.save_model} はそのまま残っています (エポック {len(history)} まで)"
+        kept = (f"前の {args.save_model} はそのまま残っています"
                 if args.save_model and Path(args.save_model).exists() else "何も保存していません")
-        parser.exit(1, f"エラー: {e}。{kept}\n")
+        parser.exit(1, f"エラー: {str(e).rstrip('。')}。{kept}\n")
 
     seconds = history[-1]["seconds"] if history else 0.0
     result = {"train_seconds": seconds, "world_size": world_size, "epochs": len(history)}
