@@ -75,8 +75,8 @@ def train_recipe(recipe: dict, splits: dict, seed: int) -> tuple[nn.Module, list
     if recipe["one_cycle"]:
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, recipe["lr"], total_steps=recipe["epochs"] * len(train))
-    history = mnist.fit(model, optimizer, train, val, recipe["epochs"], scheduler=scheduler,
-                        augment=recipe["augment"], seed=seed, log=False)
+    history = list(mnist.fit(model, optimizer, train, val, recipe["epochs"], scheduler=scheduler,
+                             augment=recipe["augment"]))
     return model, history
 
 

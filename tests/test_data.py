@@ -260,6 +260,32 @@ def test_prepare_leaves_no_temporary_files(data_root, debian_source):
     assert sorted(p.name for p in (folder / "raw").iterdir()) == sorted(data.FILES.values())
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_follow_the_umask(data_root, debian_source, umask):
+    """準備したデータもマニフェストも、ふつうのファイルと同じ umask の権限 (0600 ではない)。"""
+    old = os.umask(umask)
+    try:
+        data.prepare("fashion-mnist")
+        data.atomic_write(data_root / "note.json", b"{}")
+    finally:
+        os.umask(old)
+    folder = data_root / "FashionMNIST"
+    written = [folder / "manifest.json", data_root / "note.json",
+               *(folder / "raw" / name for name in data.FILES.values())]
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {
+        p.name: 0o666 & ~umask for p in written}
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    """書いている途中で失敗したら、前のファイルはそのまま、一時ファイルは残らない。"""
+    path = tmp_path / "a.bin"
+    data.atomic_write(path, b"old")
+    with pytest.raises(OSError, match="full"), data.atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
 def _prepare_in_child(barrier, results, i):
     barrier.wait()  # 全員そろってから一斉に始める
     try:

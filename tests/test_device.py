@@ -1,6 +1,7 @@
 """torchbook.device のテスト: デバイスの選択順、名前の検査、再現性、時間計測、写しの一致。"""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,10 @@ import torch
 
 from torchbook import device as D
 
-PACKAGE = Path(D.__file__).resolve().parent
-# 単独でコピーして使えるモジュールは get_device の写しを持ちます。写しは device.py と同じ文面です。
-COPIES = [PACKAGE / "mnist.py", PACKAGE / "diffusion" / "device.py"]
-# 写しが一致していなければならない定義 (get_device と、それが使う名前)
-SHARED_NAMES = ("KNOWN_TYPES", "cuda_available", "mps_available", "get_device")
+CODE = Path(D.__file__).resolve().parents[1]  # code/
+# 単独でコピーして使えるモジュール (mnist.py、diffusion/) は get_device などの写しを持ちます。
+# 写しには "# Copied from <モジュール>.<名前>" の印をつけ、元と同じ文面であることを確かめます。
+MARK = re.compile(r"^# Copied from ([\w.]+)\.(\w+)$")
 
 
 def definitions(path: Path) -> dict[str, str]:
@@ -25,6 +25,25 @@ def definitions(path: Path) -> dict[str, str]:
         elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             found[node.targets[0].id] = ast.get_source_segment(text, node)
     return found
+
+
+def marked_copies(path: Path) -> list[tuple[str, str, str]]:
+    """ファイルの "# Copied from" の印を (元のモジュール, 名前, 印の次の行) で返します。"""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [(m[1], m[2], lines[i + 1]) for i, line in enumerate(lines)
+            if (m := MARK.match(line)) and i + 1 < len(lines)]
+
+
+def copy_problems(path: Path) -> list[str]:
+    """印のある写しのうち、元と文面が違うもの・印と名前が合わないものを挙げます。"""
+    problems, here = [], definitions(path)
+    for module, name, next_line in marked_copies(path):
+        original = definitions(CODE / (module.replace(".", "/") + ".py")).get(name)
+        if not re.match(rf"(def |class )?{name}\b", next_line):
+            problems.append(f"{path.name}: 印 {name} の次の行が {name} の定義ではありません")
+        elif original is None or here.get(name) != original:
+            problems.append(f"{path.name}: {name} が {module} と違います")
+    return problems
 
 
 def fake_availability(monkeypatch, cuda: bool, mps: bool, count: int = 1):
@@ -124,21 +143,40 @@ def test_time_function_rejects_bad_arguments():
         D.time_function(lambda: None, torch.device("cpu"), repeats=0)
 
 
-@pytest.mark.parametrize("path", COPIES, ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_copies_identical(path):
-    """コピー用モジュールの get_device は、章が教える device.get_device と一字一句同じです。"""
-    if not path.exists():
-        pytest.skip(f"{path.relative_to(PACKAGE)} はまだこのブランチにありません")
-    original, copy = definitions(Path(D.__file__)), definitions(path)
-    assert "get_device" in copy, f"{path.name} に get_device がありません"
-    for name in SHARED_NAMES:
-        assert copy.get(name) == original[name], f"{path.name} の {name} が device.py と違います"
+def test_marked_copies_match_their_original():
+    """code/ の "# Copied from" の印のある定義は、すべて元と一字一句同じです。"""
+    files = sorted(CODE.rglob("*.py"))
+    marked = {p.relative_to(CODE).as_posix(): [n for _, n, _ in marked_copies(p)] for p in files}
+    marked = {k: v for k, v in marked.items() if v}
+    shared = ["KNOWN_TYPES", "cuda_available", "mps_available", "get_device"]
+    assert marked == {"torchbook/mnist.py": shared, "torchbook/diffusion/device.py": shared}
+    assert [problem for p in files for problem in copy_problems(p)] == []
 
 
-def test_copy_comparison_detects_a_change(tmp_path):
-    """比べ方が本当に違いを見つけること (1 文字変えた写しは一致しない)。"""
-    text = Path(D.__file__).read_text(encoding="utf-8")
+def test_copy_check_detects_a_change(tmp_path):
+    """比べ方が本当に違いを見つけること (1 文字変えた写しや、印のずれは見つかる)。"""
+    text = (CODE / "torchbook" / "mnist.py").read_text(encoding="utf-8")
     changed = tmp_path / "copy.py"
     changed.write_text(text.replace('return torch.device("cpu")', 'return torch.device("cuda")'))
-    assert definitions(changed)["get_device"] != definitions(Path(D.__file__))["get_device"]
-    assert definitions(changed)["KNOWN_TYPES"] == definitions(Path(D.__file__))["KNOWN_TYPES"]
+    assert copy_problems(changed) == ["copy.py: get_device が torchbook.device と違います"]
+    moved = text.replace("# Copied from torchbook.device.mps_available\n",
+                         "# Copied from torchbook.device.mps_available\n\n")
+    changed.write_text(moved)
+    assert "次の行" in copy_problems(changed)[0]
+
+
+def test_bf16_is_not_counted_when_only_emulated(monkeypatch):
+    """Ampere より前の GPU は bf16 をエミュレーションでしか計算できない: 速くないので使わない。"""
+    from torchbook.diffusion import device as DD
+
+    def pre_ampere(device=None, including_emulation=True):  # T4・V100 の答え方をまねる
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", pre_ampere)
+    assert DD.bf16_supported(torch.device("cuda")) is False
+    assert DD.fast_formats(torch.device("cuda"))[0] is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda device=None, including_emulation=True: True)  # Ampere 以降
+    assert DD.bf16_supported(torch.device("cuda")) is True
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # 引数の無い古い PyTorch
+    assert DD.bf16_supported(torch.device("cuda")) is False

@@ -88,23 +88,55 @@ def test_build_warns_when_a_figure_has_tofu(tmp_path):
     assert (tmp_path / "_build" / "html" / "_static" / "figure-zoom.js").exists()
 
 
-def test_png_records_smallest_font_size():
-    """PNG には最小の文字の大きさ (min_font_pt) が書かれる (CI の文字の大きさの検査が読む)。"""
+def test_png_records_smallest_font_size_without_patching_matplotlib():
+    """本の図の PNG には最小の文字の大きさ (min_font_pt) が入る (CI の文字の大きさの検査が読む)。
+
+    matplotlib そのものは書き換えない: ふつうの savefig の PNG はそのまま。
+    """
+    import base64
     import io
 
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
+    assert FigureCanvasAgg.print_png.__module__ == "matplotlib.backends.backend_agg"
     fig, ax = plotting.plt.subplots()
     ax.plot([0, 1], [0, 1])
     ax.set_title("題", fontsize=14)
     ax.text(0.5, 0.5, "小さな注記", fontsize=7)
+    png = base64.b64decode(plotting.figure_png(fig, base64=True))
+    assert Image.open(io.BytesIO(png)).text["min_font_pt"] == "7"
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    assert Image.open(io.BytesIO(buf.getvalue())).text["min_font_pt"] == "7"
+    assert "min_font_pt" not in Image.open(io.BytesIO(buf.getvalue())).text
     ax.texts[0].remove()
     ax.axis("off")  # 軸を消すと目盛りの数字 (10 pt) も数えない
     assert plotting.smallest_font_pt(fig) == 14
+    fig.suptitle("全体の題", fontsize=9)
+    assert plotting.smallest_font_pt(fig) == 9
     plotting.plt.close(fig)
+
+
+def test_notebook_figures_carry_the_smallest_font_size(monkeypatch):
+    """ページのカーネルで plt.show() した図も、セルの終わりの図も、PNG に min_font_pt を持つ。"""
+    import base64
+    import io
+
+    import nbformat
+    from nbclient import NotebookClient
+    from PIL import Image
+
+    cells = ["from booktools import plotting\nimport matplotlib.pyplot as plt",
+             "fig, ax = plt.subplots()\nax.set_title('題', fontsize=14)\n"
+             "ax.text(0.5, 0.5, '小', fontsize=7)\nplt.show()",
+             "fig, ax = plt.subplots()\nax.axis('off')\nax.set_title('題', fontsize=12)"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    code = str(Path(__file__).resolve().parents[1] / "code")  # カーネルもこのチェックアウトの code/
+    monkeypatch.setenv("PYTHONPATH", code + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    NotebookClient(nb, kernel_name="python3", timeout=120).execute()
+    found = [Image.open(io.BytesIO(base64.b64decode(out["data"]["image/png"]))).text
+             for cell in nb.cells for out in cell.outputs if "image/png" in out.get("data", {})]
+    assert [t.get("min_font_pt") for t in found] == ["7", "12"]
 
 
 def test_diffusion_chain_has_both_directions_and_japanese_labels():

@@ -164,8 +164,9 @@ def test_idx_dataset_finds_torchvision_layout(tmp_path: Path) -> None:
 
 
 def test_data_errors(tmp_path: Path) -> None:
-    with pytest.raises(mnist.DataError, match="--download"):
+    with pytest.raises(mnist.MissingDataError, match="MNIST/raw") as e:
         mnist.MNISTDataset.from_dir(tmp_path, train=True)
+    assert "--" not in str(e.value)  # ライブラリの例外はコマンドラインのオプションを言わない
     bad = tmp_path / "train-images-idx3-ubyte"
     bad.write_bytes(b"not an idx file")
     with pytest.raises(mnist.DataError, match="IDX"):
@@ -187,8 +188,9 @@ def test_checkpoint_round_trip_and_wrong_architecture(tmp_path: Path) -> None:
     checkpoint = mnist.load_checkpoint(loaded, path)
     assert checkpoint["history"] == [] and checkpoint["optimizer"] is None
     assert torch.equal(mnist.predict(model, x), mnist.predict(loaded, x))
-    with pytest.raises(mnist.CheckpointError, match="--model ours"):
+    with pytest.raises(mnist.CheckpointError, match="モデル 'ours' の重み") as e:
         mnist.load_checkpoint(mnist.create_model("mnistnet"), path)
+    assert e.value.model == "ours" and "--" not in str(e.value)
     junk = tmp_path / "junk.pt"
     torch.save({"model": object}, junk)  # weights_only=True では読めない中身
     with pytest.raises(mnist.CheckpointError, match="読めません"):
@@ -212,10 +214,38 @@ def test_save_is_atomic(monkeypatch, tmp_path: Path) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(mnist.CheckpointError, match="保存できませんでした.*disk full"):
         mnist.save_checkpoint(path, mnist.create_model("mnistnet"))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """保存したファイルの権限は、ふつうのファイルと同じく umask で決まる (0600 ではない)。"""
+    old = os.umask(umask)
+    try:
+        mnist.save_checkpoint(tmp_path / "m.pt", mnist.create_model("mnistnet"))
+        (tmp_path / "plain").write_bytes(b"")  # 比べる相手: ふつうに作ったファイル
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "m.pt").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_labels_outside_0_to_9_are_refused_when_loading(capsys, tiny: Path) -> None:
+    """ラベルに 200 のような値があれば、学習を始める前に 1 行で断る (以前は 1 エポック後に
+    IndexError)。"""
+    labels = mnist.read_idx(tiny / mnist.FILES[True][1]).clone()
+    labels[5] = 200
+    data.write_idx(tiny / mnist.FILES[True][1], labels)
+    with pytest.raises(mnist.DataError, match=r"0〜9 以外のラベル \[200\]"):
+        mnist.MNISTDataset.from_dir(tiny, train=True)
+    with pytest.raises(SystemExit) as e:
+        mnist.main(["--epochs", "1", str(tiny)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 1 and "エポック" not in out
+    assert len(err.strip().splitlines()) == 1 and "200" in err
 
 
 def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
@@ -236,8 +266,9 @@ def test_fit_learns_tiny_data(tiny: Path) -> None:
     torch.manual_seed(0)
     model = mnist.create_model("mnistnet")
     optimizer = mnist.make_optimizer("adam", model.parameters(), 0.01)
-    history = mnist.fit(model, optimizer, mnist.TensorLoader(train.inputs, train.targets, 16, True),
-                        mnist.TensorLoader(test.inputs, test.targets, 1000), epochs=8, log=False)
+    history = list(mnist.fit(model, optimizer,
+                             mnist.TensorLoader(train.inputs, train.targets, 16, True),
+                             mnist.TensorLoader(test.inputs, test.targets, 1000), epochs=8))
     assert [h["epoch"] for h in history] == list(range(1, 9))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_accuracy"] > 0.5  # 偶然なら 0.1 ほど
@@ -256,11 +287,10 @@ def test_cli_argument_errors(capsys: pytest.CaptureFixture, tmp_path: Path, tiny
         (["--lr", "inf"], "--lr は正の有限の数"),
         (["--lr", "nan"], "--lr は正の有限の数"),
         (["--epochs", "-2"], "--epochs は 0 以上"),
-        (["--epochs", "0"], "--epochs 0 と --resume"),
+        (["--epochs", "0"], "--epochs 0・--resume・--extend"),
         (["--no-cuda", "--device", "cuda"], "同時に指定できません"),
         (["--device", "gpu"], "知らないデバイス名"),
         (["--model", "resnet"], "invalid choice"),
-        (["--save-model", str(tmp_path / "no" / "m.pt")], "がありません。先に作って"),
         (["--save-model", str(tmp_path / "model")], "拡張子つき"),
         (["--save-model", str(readonly / "m.pt")], "書き込めません"),
         (["--save-model", str(existing)], "--resume"),
@@ -276,6 +306,20 @@ def test_cli_argument_errors(capsys: pytest.CaptureFixture, tmp_path: Path, tiny
     with pytest.raises(SystemExit):
         mnist.main([str(tiny / "nothing")])
     assert "がありません" in capsys.readouterr().err
+
+
+def test_cli_creates_missing_output_folders_and_shows_defaults(capsys, tmp_path: Path,
+                                                              tiny: Path) -> None:
+    """出力先の無いフォルダーは作る。--help はすべての既定値とすべての説明を示す。"""
+    ckpt = tmp_path / "a" / "b" / "m.pt"
+    mnist.main(["--dry-run", "--save-model", str(ckpt), str(tiny)])
+    assert ckpt.is_file()
+    parser = mnist.build_parser()
+    assert all(a.help for a in parser._actions)
+    help_text = parser.format_help()
+    for option in ("--batch-size", "--lr", "--epochs", "--device", "--seed"):
+        assert re.search(re.escape(option) + r"[^\n]*\n?[^-]*\(default: ", help_text), option
+    assert "(default: auto)" in help_text  # デバイスは既定で自動
 
 
 def test_cli_missing_data_and_wrong_checkpoint(capsys, tmp_path: Path, tiny: Path) -> None:
@@ -343,26 +387,28 @@ def test_non_finite_training_keeps_the_good_checkpoint(capsys, tmp_path: Path,
 
 
 def test_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_path: Path, tiny: Path) -> None:
-    """エポック 2 の保存の直後に中断し、--resume で続けた学習は、通しの学習と同じになる。"""
+    """エポック 2 の途中で中断し、--resume で続けた学習は、通しの学習と同じになる。"""
     common = ["--model", "ours", "--augment", "--one-cycle", "--optimizer", "adam",
               "--lr", "0.01", "--batch-size", "16", "--epochs", "3", str(tiny)]
     straight = tmp_path / "straight.pt"
     mnist.main(["--save-model", str(straight), *common])
     resumed = tmp_path / "resumed.pt"
-    real_save = mnist.save_checkpoint
+    real_affine, calls = mnist.random_affine, []
 
-    def save_then_interrupt(path, model, optimizer, scheduler, history, config):
-        real_save(path, model, optimizer, scheduler, history, config)
-        if len(history) == 2:
+    def interrupt_mid_epoch_2(x):  # 56 枚をバッチ 16 で 4 バッチ。6 回目はエポック 2 の途中
+        calls.append(1)
+        if len(calls) == 6:
             raise KeyboardInterrupt  # Ctrl-C
+        return real_affine(x)
 
-    monkeypatch.setattr(mnist, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(mnist, "random_affine", interrupt_mid_epoch_2)
     with pytest.raises(SystemExit) as e:
         mnist.main(["--save-model", str(resumed), *common])
     assert e.value.code == 130
     err = capsys.readouterr().err.strip()
     assert "中断しました" in err and "--resume" in err and "\n" not in err
-    monkeypatch.setattr(mnist, "save_checkpoint", real_save)
+    assert len(torch.load(resumed, weights_only=True)["history"]) == 1
+    monkeypatch.setattr(mnist, "random_affine", real_affine)
     mnist.main(["--save-model", str(resumed), "--resume", *common])
     a = torch.load(straight, weights_only=True)
     b = torch.load(resumed, weights_only=True)
@@ -371,10 +417,103 @@ def test_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_path: Path, ti
     assert a["scheduler"] == b["scheduler"]
     for x, y in zip(a["history"], b["history"], strict=True):
         assert x["val_loss"] == y["val_loss"] and x["train_loss"] == y["train_loss"]
-    with pytest.raises(SystemExit) as e:  # 設定を変えた再開は断る
-        mnist.main(["--save-model", str(resumed), "--resume", "--lr", "0.02", *common[:6],
-                    *common[8:]])
-    assert e.value.code == 2 and "設定が違う" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_settings_naming_each(capsys, tmp_path: Path, tiny: Path) -> None:
+    """学習の結果を決める設定が保存したときと違えば、違う設定を 1 行で全部挙げて断る。"""
+    ckpt = tmp_path / "m.pt"
+    mnist.main(["--epochs", "2", "--batch-size", "16", "--save-model", str(ckpt), str(tiny)])
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mnist.main(["--epochs", "2", "--batch-size", "32", "--lr", "0.02", "--resume",
+                    "--save-model", str(ckpt), str(tiny)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "エポック" not in out
+    assert len(err.strip().splitlines()) == 1
+    assert "--lr (保存 0.01、指定 0.02)" in err and "--batch-size (保存 16、指定 32)" in err
+    assert "--epochs" not in err.split(":", 1)[1].split("。")[0]  # 同じ設定は挙げない
+    with pytest.raises(SystemExit) as e:  # 終えた学習の --resume は、--extend を案内する
+        mnist.main(["--epochs", "2", "--batch-size", "16", "--resume",
+                    "--save-model", str(ckpt), str(tiny)])
+    assert e.value.code == 2 and "--extend" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # --extend でも、エポック数のほかは同じにする
+        mnist.main(["--epochs", "3", "--batch-size", "16", "--seed", "2", "--extend",
+                    "--save-model", str(ckpt), str(tiny)])
+    assert e.value.code == 2 and "--seed (保存 1、指定 2)" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+
+
+def test_extend_follows_the_new_schedule(capsys, tmp_path: Path, tiny: Path) -> None:
+    """--extend は終えた学習を大きな --epochs まで続け、one-cycle の学習率は新しい総数に沿う。"""
+    ckpt = tmp_path / "m.pt"
+    common = ["--one-cycle", "--batch-size", "16", "--save-model", str(ckpt), str(tiny)]
+    mnist.main(["--epochs", "2", *common])
+    with pytest.raises(SystemExit) as e:  # 小さいか同じエポック数では延ばせない
+        mnist.main(["--epochs", "2", "--extend", *common])
+    assert e.value.code == 2 and "より大きな --epochs" in capsys.readouterr().err
+    mnist.main(["--epochs", "3", "--extend", *common])
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert [h["epoch"] for h in checkpoint["history"]] == [1, 2, 3]
+    assert checkpoint["config"]["epochs"] == 3
+    steps = 3 * 4  # 56 枚をバッチ 16 で 4 バッチ
+    assert checkpoint["scheduler"]["total_steps"] == steps
+    assert checkpoint["scheduler"]["last_epoch"] == steps
+    reference = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(reference, 0.01, total_steps=steps)
+    lrs = [schedule.get_last_lr()[0]]
+    for _ in range(steps):
+        reference.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lrs[-1])
+
+
+def test_failed_save_is_one_line_and_keeps_the_previous_checkpoint(monkeypatch, capsys,
+                                                                   tmp_path: Path,
+                                                                   tiny: Path) -> None:
+    """torch.save が書けない (ディスクがいっぱい) とき、1 行で伝え、前のチェックポイントは残る。"""
+    ckpt = tmp_path / "m.pt"
+    mnist.main(["--epochs", "1", "--batch-size", "16", "--save-model", str(ckpt), str(tiny)])
+    before = ckpt.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK")  # 書きかけ
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        mnist.main(["--epochs", "2", "--batch-size", "16", "--force", "--save-model", str(ckpt),
+                    str(tiny)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "保存できませんでした" in err and "unexpected pos" in err and "そのまま残って" in err
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "tiny"]  # 書きかけは消す
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE の無い OS")
+def test_file_size_limit_is_reported_in_one_line(tmp_path: Path, tiny: Path) -> None:
+    """本物の書き込みの失敗 (ファイルの大きさの上限、RLIMIT_FSIZE) でも、1 行で終わる。"""
+    import resource
+
+    ckpt = tmp_path / "m.pt"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "code"), "PYTHONDONTWRITEBYTECODE": "1"}
+    args = [sys.executable, "-m", "torchbook.mnist", "--batch-size", "16", "--epochs", "1",
+            "--save-model", str(ckpt), str(tiny)]
+    subprocess.run(args, env=env, capture_output=True, check=True, timeout=120)
+    before = ckpt.read_bytes()
+
+    def limit() -> None:  # チェックポイント (約 90 KB) より小さい上限
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))
+
+    proc = subprocess.run([*args, "--force"], env=env, capture_output=True, text=True,
+                          timeout=120, preexec_fn=limit)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 1 and "保存できませんでした" in lines[0] and "そのまま" in lines[0]
+    assert ckpt.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_ctrl_c_exits_130_and_keeps_a_resumable_checkpoint(tmp_path: Path) -> None:
@@ -406,8 +545,7 @@ def test_progress_bar_only_in_a_terminal(capsys) -> None:
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # TqdmWarning なども失敗にする
-        mnist.train_epoch(model, mnist.TensorLoader(x, y, 4), optimizer, torch.device("cpu"),
-                          progress=True)
+        mnist.train_epoch(model, mnist.TensorLoader(x, y, 4), optimizer, torch.device("cpu"))
     assert capsys.readouterr().err == ""
     assert "tqdm.auto" not in MODULE.read_text(encoding="utf-8")
 

@@ -4,6 +4,7 @@
 .ci/demo_check.py (headless Chromium) が確かめます。
 """
 
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +39,19 @@ def test_export_writes_one_self_contained_file_that_matches_pytorch(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # 重みも 1 つのファイルに
     diff = webdemo.verify_onnx(path, model, (torch.randn(5, 1, 6, 6),))  # バッチの大きさは自由
     assert 0 <= diff < 1e-5
+
+
+def test_exported_files_follow_the_umask(tmp_path):
+    """書き出した ONNX・JSON・重みの権限は umask で決まる (mkstemp の 0600 ではない)。"""
+    old = os.umask(0o022)
+    try:
+        written = [webdemo.export_onnx(tiny_model(), (torch.randn(1, 1, 6, 6),),
+                                       tmp_path / "m.onnx", ["x"], ["y"]),
+                   webdemo.save_json(tmp_path / "m.json", {"a": 1}),
+                   webdemo.save_state_dict(tmp_path / "m.pt", tiny_model())]
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in written] == [0o644] * 3
 
 
 def test_verify_refuses_a_graph_that_differs_from_the_model(tmp_path):

@@ -26,10 +26,13 @@ import os
 import shutil
 import struct
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+
+from torchbook import mnist
 
 ENV_ROOT = "TORCHBOOK_DATA"  # データの置き場所を変える環境変数
 ENV_OFFLINE = "TORCHBOOK_OFFLINE"  # 1 ならダウンロードを試さない
@@ -49,9 +52,6 @@ DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 NPM_TEST_COUNT = 2000  # npm の 10,000 枚のうちテストに回す枚数
 SPLIT_SEED = 0
 LOCK_NAME = ".prepare.lock"  # <root>/<クラス名>/ に置くロックファイル (消しません)
-
-# IDX 形式の型コード (https://yann.lecun.com/exdb/mnist/ の仕様)
-_IDX_DTYPES = {0x08: torch.uint8}
 
 
 class DataError(RuntimeError):
@@ -83,20 +83,31 @@ def check_root(root: Path) -> None:
 
 
 # ---------------------------------------------------------------- IDX の読み書き
-def atomic_write(path: Path, payload: bytes, compress: bool = False) -> None:
-    """同じフォルダーの一意な一時ファイルに書いてから ``os.replace`` で置きます。"""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """``path`` の代わりに書く一時ファイルの名前を渡し、書き終えたら ``os.replace`` で置きます。
+
+    一時ファイルは同じフォルダーの一意な名前です。失敗したら消し、``path`` は前のまま残ります。
+    ファイルはふつうに作られるので、権限はほかのファイルと同じく umask で決まります
+    (``mkstemp`` の 0600 ではありません)。
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as raw:
-            if compress:
-                with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-                    f.write(payload)
-            else:
-                raw.write(payload)
+        yield tmp
         os.replace(tmp, path)  # 書きかけのファイルを残さない
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, payload: bytes, compress: bool = False) -> None:
+    """バイト列を原子的に書きます (``compress`` なら gzip で。日付を入れないので毎回同じ)。"""
+    with atomic_path(path) as tmp, open(tmp, "xb") as raw:
+        if compress:
+            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+                f.write(payload)
+        else:
+            raw.write(payload)
 
 
 def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
@@ -114,31 +125,10 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} がありません。`python -m booktools.data` で準備してください。")
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path} が壊れています (読めません: {e})。{_fix_hint(path)}") from e
-    if len(data) < 4:
-        raise DataError(f"{path} が壊れています (短すぎて IDX ではありません)。{_fix_hint(path)}")
-    zero, code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or code not in _IDX_DTYPES or not 1 <= ndim <= 4:
-        raise DataError(
-            f"{path} が壊れています (先頭が IDX の形式ではありません)。{_fix_hint(path)}"
-        )
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    count = 1
-    for n in shape:
-        count *= n
-    expected = 4 + 4 * ndim + count
-    if len(data) != expected:
-        raise DataError(
-            f"{path} が壊れています (ヘッダーから {expected} バイトのはずが "
-            f"{len(data)} バイト。途中で切れている可能性があります)。{_fix_hint(path)}"
-        )
-    body = bytearray(data[4 + 4 * ndim :])
-    return torch.frombuffer(body, dtype=torch.uint8).reshape(shape)
+        return mnist.read_idx(path)  # 読み方は第 5 章の mnist.py と同じ
+    except mnist.DataError as e:
+        raise DataError(f"{e}{_fix_hint(path)}") from e
 
 
 def _fix_hint(path: Path) -> str:

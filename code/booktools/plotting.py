@@ -2,7 +2,8 @@
 
 import するだけで matplotlib に日本語フォント (IPAexGothic, matplotlib-fontja) を設定し、
 図のラベルが豆腐 (□) にならないようにします。それでも字形の無い文字が出たときは、
-警告ではなくエラーにして、ビルドを止めます。
+警告ではなくエラーにして、ビルドを止めます。本のページ (IPython) では、図の PNG に
+最小の文字の大きさを書き込みます (:func:`figure_png`。CI のブラウザー検査が読みます)。
 
 graphviz の図は SVG で返し、文字は文字のまま残します (読者のブラウザーが自分の日本語フォントで
 描くので、どの環境でも豆腐になりません)。
@@ -10,6 +11,8 @@ graphviz の図は SVG で返し、文字は文字のまま残します (読者�
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import subprocess
 import tempfile
@@ -17,10 +20,12 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import matplotlib_fontja
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 from torchvision.utils import make_grid
 
 matplotlib_fontja.japanize()
@@ -36,11 +41,9 @@ def smallest_font_pt(fig: plt.Figure) -> float:
 
     目盛りの数字は、軸を表示している (axis("off") でない) ときだけ数えます。
     """
-    texts = list(fig.texts)
-    if fig._suptitle is not None:
-        texts.append(fig._suptitle)
+    texts = list(fig.texts)  # fig.suptitle もここに入る
     for ax in fig.axes:
-        texts += [*ax.texts, ax.title, ax._left_title, ax._right_title]
+        texts += [a for a in ax.get_children() if isinstance(a, Text)]  # 題と ax.text
         if ax.get_legend() is not None:
             texts += ax.get_legend().get_texts()
         if ax.axison:
@@ -51,22 +54,40 @@ def smallest_font_pt(fig: plt.Figure) -> float:
     return float(min(sizes)) if sizes else 0.0
 
 
-_print_png = FigureCanvasAgg.print_png
+def figure_png(fig: plt.Figure, **kwargs) -> bytes | str | None:
+    """ノートブックに表示する PNG を作ります。最小の文字の大きさを PNG に書き込みます。
 
-
-def _print_png_with_font_size(self, filename_or_obj, *, metadata=None, pil_kwargs=None,
-                              **_unused):
-    """PNG に最小の文字の大きさ (min_font_pt) を書き込みます。
-
-    CI のブラウザー検査が、表示の倍率と合わせて文字が読める大きさかを確かめるのに使います。
-    matplotlib は元の print_png が受け取らない引数 (dpi、orientation など) も渡すので捨てます
-    (元の print_png では matplotlib 自身が捨てている引数です)。
+    IPython の PNG の作り方 (``print_figure``) と同じで、違いは PNG のテキスト
+    ``min_font_pt`` だけです。CI のブラウザー検査は、これと表示の倍率から、
+    文字が読める大きさで表示されているかを確かめます。
     """
-    metadata = {**(metadata or {}), "min_font_pt": f"{smallest_font_pt(self.figure):g}"}
-    return _print_png(self, filename_or_obj, metadata=metadata, pil_kwargs=pil_kwargs)
+    from IPython.core.pylabtools import print_figure
+
+    metadata = {"min_font_pt": f"{smallest_font_pt(fig):g}"}
+    return print_figure(fig, "png", metadata=metadata, **kwargs)
 
 
-FigureCanvasAgg.print_png = _print_png_with_font_size
+def show_font_size_in_notebook_pngs() -> bool:
+    """IPython (本のページのカーネル) で、図の PNG を :func:`figure_png` で作るようにします。
+
+    matplotlib は書き換えず、IPython の表示の仕組み (型ごとの formatter) に登録します。
+    IPython の中でなければ何もせず False を返します。
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+    if "inline" in matplotlib.get_backend():  # inline の設定を先に済ませる (最初の図を作る
+        importlib.import_module("matplotlib_inline.backend_inline")  # ときだと、登録が上書きされる)
+    shell.display_formatter.formatters["image/png"].for_type(
+        Figure, functools.partial(figure_png, base64=True))  # inline と同じ base64 の文字列
+    return True
+
+
+show_font_size_in_notebook_pngs()
 
 
 def image_grid(

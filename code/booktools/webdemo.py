@@ -16,14 +16,13 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from booktools.data import REPO_ROOT, atomic_write
+from booktools.data import REPO_ROOT, atomic_path, atomic_write
 
 ENV_DIR = "TORCHBOOK_WEBDEMO_DIR"  # 書き出し先を変える環境変数 (テスト用)
 OPSET = 18  # onnxruntime-web 1.30 が扱える範囲で、dynamo の書き出しが標準とする版
@@ -67,9 +66,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # 書き出しの途中経過の警告は本のページに出さない
             program = torch.onnx.export(
@@ -85,11 +82,7 @@ def export_onnx(
                 verbose=False,
             )
         program.save(tmp, external_data=False)
-        _check_single_file(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _check_single_file(tmp)
     return path
 
 

@@ -8,12 +8,17 @@
     python mnist.py --model ours --augment --one-cycle --lr 0.005 --batch-size 128 data/
     python mnist.py --save-model m.pt data/                 # エポックごとに m.pt へ保存
     python mnist.py --save-model m.pt --resume data/        # 中断したところから続ける
+    python mnist.py --save-model m.pt --extend --epochs 20 data/  # 20 エポックまで延ばす
     torchrun --nproc_per_node 2 mnist.py --no-shuffle data/  # データ並列 (付録)
 
 ``data/`` には IDX 形式の 4 ファイル (``train-images-idx3-ubyte`` など。``.gz`` でも可) を
 直接置くか、torchvision と同じ ``data/MNIST/raw/`` に置きます。
 訓練データの一部 (既定は 1/8) を、数字の割合を保って検証用に分けます。
 エポックごとの成績は検証データで測り、テストデータは最後に 1 回だけ使います。
+
+このプログラムは、Yusuke Shinyama の講義資料「第6回 GPU の仕組みと PyTorch 入門」(2021 年、
+クリエイティブ・コモンズ 表示 - 継承 4.0 国際 (CC BY-SA 4.0)) の MNIST の例に沿っています。
+基本のモデル ``MNISTNet`` の構成と、コマンドラインのオプションとその既定値が講義資料と同じです。
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import struct
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -48,8 +54,19 @@ class DataError(RuntimeError):
     """データが見つからない・壊れているときの例外。メッセージに直し方を書きます。"""
 
 
+class MissingDataError(DataError):
+    """データのファイルが見つからないときの例外。"""
+
+
 class CheckpointError(RuntimeError):
-    """チェックポイントが読めない・モデルに合わないときの例外。"""
+    """チェックポイントが読めない・書けない・モデルに合わないときの例外。
+
+    別のモデルの重みだったときは、そのモデルの名前 (``MODELS`` のキー) を ``model`` に持ちます。
+    """
+
+    def __init__(self, message: str, model: str | None = None):
+        super().__init__(message)
+        self.model = model
 
 
 class TrainingError(RuntimeError):
@@ -57,20 +74,25 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------- デバイス
-# KNOWN_TYPES と get_device は torchbook/device.py と同じ文面です (テストで確かめています)。
+# 次の 4 つは torchbook/device.py の写しです (このファイルだけをコピーしても動くように)。
+# "Copied from" の印のある定義は、元と同じ文面であることをテストが確かめます。
+# Copied from torchbook.device.KNOWN_TYPES
 KNOWN_TYPES = ("cuda", "mps", "cpu")  # get_device が受け付けるデバイスの種類
 
 
+# Copied from torchbook.device.cuda_available
 def cuda_available() -> bool:
     """NVIDIA の GPU (CUDA) が使えるかどうかを返します。"""
     return torch.cuda.is_available()
 
 
+# Copied from torchbook.device.mps_available
 def mps_available() -> bool:
     """Apple の GPU (MPS) が使えるかどうかを返します。"""
     return torch.backends.mps.is_available()
 
 
+# Copied from torchbook.device.get_device
 def get_device(name: str | None = None) -> torch.device:
     """使う計算デバイスを返します。
 
@@ -131,15 +153,16 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise DataError(f"{path} を読めません ({e})。ファイルを入れ直してください。") from e
+        raise DataError(f"{path} が壊れています (読めません: {e})。") from e
     # 先頭 4 バイト: 0, 0, 型コード (0x08 = uint8), 次元数。続いて各次元の大きさ (4 バイト)
     zero, code, ndim = struct.unpack(">HBB", data[:4]) if len(data) >= 4 else (1, 0, 0)
-    if zero != 0 or code != 0x08 or not 1 <= ndim <= 3:
-        raise DataError(f"{path} は IDX 形式の uint8 データではありません。")
+    if zero != 0 or code != 0x08 or not 1 <= ndim <= 4:
+        raise DataError(f"{path} が壊れています (先頭が uint8 の IDX の形式ではありません)。")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = data[4 + 4 * ndim :]
     if len(body) != torch.Size(shape).numel():
-        raise DataError(f"{path} の大きさがヘッダーと合いません。途中で切れていませんか。")
+        raise DataError(f"{path} が壊れています (大きさがヘッダーと合いません。"
+                        "途中で切れている可能性があります)。")
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
@@ -150,10 +173,9 @@ def find_idx(datadir: str | os.PathLike, name: str) -> Path:
         for ext in ("", ".gz"):
             if (folder / (name + ext)).exists():
                 return folder / (name + ext)
-    raise DataError(
+    raise MissingDataError(
         f"{datadir} に MNIST の {name} がありません "
         f"(探した場所: {datadir}/ と {datadir}/MNIST/raw/)。"
-        "インターネットにつながるなら --download をつけて実行してください。"
     )
 
 
@@ -172,6 +194,10 @@ class MNISTDataset(Dataset):
             raise DataError(
                 f"画像 {tuple(images.shape)} とラベル {tuple(labels.shape)} の形が合いません。"
             )
+        if len(labels) and labels.max() > 9:  # 学習の途中で IndexError になる前に断る
+            bad = sorted(set(labels[labels > 9].tolist()))[:5]
+            raise DataError(f"{labels_path} に 0〜9 以外のラベル {bad} があります。"
+                            "ラベルのファイルが壊れていないか確かめてください。")
         self.inputs = to_inputs(images)  # 全部をメモリに置く (60,000 枚で 190 MB)
         self.targets = labels.long()
 
@@ -323,6 +349,11 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torc
 
 
 # ---------------------------------------------------------------- 学習と評価
+def is_main_process() -> bool:
+    """表示と保存をするプロセスか (分散学習でなければ真、分散学習なら rank 0 だけ真)。"""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -330,17 +361,17 @@ def train_epoch(
     device: torch.device,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     augment: bool = False,
-    dry_run: bool = False,
-    progress: bool = False,
     log_interval: int = 0,
 ) -> dict[str, float]:
     """訓練データを 1 周 (1 エポック) 学習し、平均の損失と正解率を返します。
 
+    端末に出力しているときは、tqdm のプログレスバーを出します。
     ``log_interval`` が正なら、その数のバッチごとに損失を 1 行表示します。
     """
     model.train()  # 訓練モード (Dropout・BatchNorm が訓練時の動きをする)
+    show = is_main_process()  # 分散学習では rank 0 だけが表示する
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc="訓練", leave=False, disable=not (progress and sys.stderr.isatty()))
+    bar = tqdm(loader, desc="訓練", leave=False, disable=not (show and sys.stderr.isatty()))
     for i, (inputs, targets) in enumerate(bar):
         if augment:
             inputs = random_affine(inputs)
@@ -358,16 +389,14 @@ def train_epoch(
         seen += len(targets)
         if not bar.disable:
             bar.set_postfix(loss=f"{batch_loss:.4f}")
-        if log_interval > 0 and i % log_interval == 0:
+        if show and log_interval > 0 and i % log_interval == 0:
             tqdm.write(f"  バッチ {i:5d}: 損失 {batch_loss:.4f}")
-        if dry_run:
-            break
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device, dry_run: bool = False) -> dict[str, float]:
+             device: torch.device) -> dict[str, float]:
     """学習に使っていないデータで、平均の損失と正解率を求めます。"""
     model.eval()  # 評価モード
     total_loss, correct, seen = 0.0, 0, 0
@@ -377,8 +406,6 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
         total_loss += F.cross_entropy(outputs, targets, reduction="sum").item()
         correct += (outputs.argmax(1) == targets).sum().item()
         seen += len(targets)
-        if dry_run:
-            break
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen}
 
 
@@ -391,54 +418,36 @@ def fit(
     device: torch.device | str = "cpu",
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     augment: bool = False,
-    seed: int = 1,
-    history: list[dict[str, float]] | None = None,
-    save_path: str | os.PathLike | None = None,
-    config: dict | None = None,
-    rank: int = 0,
-    dry_run: bool = False,
-    progress: bool = False,
+    first_epoch: int = 1,
     log_interval: int = 0,
-    log: bool = True,
-) -> list[dict[str, float]]:
-    """エポックごとに学習・検証・保存をして、成績の記録 (history) を返します。
+) -> Iterator[dict[str, float]]:
+    """エポックごとに学習と検証をして、そのエポックの成績を 1 つずつ返します。
 
-    本のページもコマンドライン (main) もこの関数で学習します。
-    ``history`` に前回までの記録を渡すと、その続きのエポックから始めます (再開)。
-    各エポックの乱数はシード・エポック番号・ランクだけで決まるので、
-    再開した学習は中断しなかった学習と同じ結果になります。
-    検証と保存は rank 0 だけがします (DDP の外側を外した ``unwrap(model)`` で)。
+    ジェネレーターなので、受け取る側がエポックごとに表示や保存をできます
+    (``for record in fit(...):``)。まとめて受け取るなら ``list(fit(...))`` です。
+    ``first_epoch`` を 2 以上にすると、そのエポックから続けます (再開)。
+    ``seconds`` は、この呼び出しで学習にかけた時間の累計です (検証の時間は含めません)。
     """
     device = torch.device(device)
-    history = [] if history is None else history  # 渡されたリストに書き足す
-    seconds = history[-1]["seconds"] if history else 0.0
-    for epoch in range(len(history) + 1, epochs + 1):
-        torch.manual_seed(seed * 1_000_000 + epoch * 1_000 + rank)  # このエポックの乱数
+    seconds = 0.0
+    for epoch in range(first_epoch, epochs + 1):
         sampler = getattr(train_loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)  # エポックごとに並びを変える (全ランクで同じ乱数)
+            sampler.set_epoch(epoch)  # 分散学習: エポックごとに並びを変える (全ランクで同じ乱数)
         start = time.perf_counter()
         train = train_epoch(model, train_loader, optimizer, device, scheduler, augment,
-                            dry_run, progress, log_interval if rank == 0 else 0)
-        seconds += time.perf_counter() - start  # 学習時間 (検証の時間は含めない)
-        if not math.isfinite(train["loss"]):
-            raise TrainingError(f"エポック {epoch} で損失が {train['loss']} になりました。"
-                                "学習率 (--lr) を小さくしてください。")
-        record = {"epoch": epoch, "train_loss": train["loss"],
-                  "train_accuracy": train["accuracy"], "seconds": seconds}
-        if rank == 0:
-            val = evaluate(unwrap(model), val_loader, device, dry_run)
-            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            if log:
-                print(f"エポック {epoch:3d}: 訓練の損失 {train['loss']:.4f}  "
-                      f"検証の損失 {val['loss']:.4f}  検証の正解率 {100 * val['accuracy']:.2f} %",
-                      flush=True)
-        if save_path is not None and rank == 0:  # 保存できてから記録に加える
-            save_checkpoint(save_path, model, optimizer, scheduler, [*history, record], config)
-        history.append(record)
-        if dry_run:
-            break
-    return history
+                            log_interval)
+        seconds += time.perf_counter() - start
+        val = evaluate(unwrap(model), val_loader, device)  # DDP で包んでいても中身で評価
+        yield {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": seconds}
+
+
+def epoch_line(record: dict[str, float]) -> str:
+    """1 エポックの成績 (``fit`` が返す辞書) を、表示用の 1 行にします。"""
+    return (f"エポック {record['epoch']:3d}: 訓練の損失 {record['train_loss']:.4f}  "
+            f"検証の損失 {record['val_loss']:.4f}  "
+            f"検証の正解率 {100 * record['val_accuracy']:.2f} %")
 
 
 @torch.no_grad()
@@ -453,11 +462,27 @@ def predict(model: nn.Module, inputs: torch.Tensor, device: torch.device | str =
 
 
 # ---------------------------------------------------------------- 保存と読み込み
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` します。途中で止まっても、前のファイルは壊れません。
+
+    同じフォルダーの一時ファイルに書いてから ``os.replace`` で置き換えます。
+    一時ファイルはふつうに作るので、ファイルの権限はほかのファイルと同じく umask で決まります。
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # 他と重ならない名前
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # 置き換えは一瞬で終わる (古いか新しいか、どちらかが必ず残る)
+    finally:
+        tmp.unlink(missing_ok=True)  # 失敗したときの書きかけを消す
+
+
 # チェックポイントの形式 (1 つだけ): 次のキーを持つ辞書を torch.save したファイル。
 #   "model": モデルの state_dict   "optimizer": 最適化器の state_dict (無ければ None)
 #   "scheduler": 学習率スケジューラーの state_dict (無ければ None)
 #   "history": エポックごとの成績のリスト (長さ = 終えたエポック数)
 #   "config": 学習の設定 (再開のとき、同じ設定かを確かめる)
+#   "rng_state": 保存したときの乱数の状態 (再開した学習が、同じ乱数の続きを使うため)
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -468,8 +493,9 @@ def save_checkpoint(
 ) -> None:
     """チェックポイントを保存します。途中で止まっても、前のファイルは壊れません。
 
-    同じフォルダーの一時ファイルに書いてから ``os.replace`` で置き換えます。
     重みに NaN や inf があれば保存せず、例外を出します (前のファイルは残ります)。
+    書けなかったとき (ディスクがいっぱい、ファイルの大きさの上限など) は
+    :class:`CheckpointError` を出します。
     """
     weights = unwrap(model).state_dict()  # DDP で包んでいれば中身の重み
     if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
@@ -480,16 +506,13 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "history": list(history or []),
         "config": dict(config or {}),
+        "rng_state": torch.get_rng_state(),
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)  # 置き換えは一瞬で終わる (古いか新しいか、どちらかが必ず残る)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        atomic_save(checkpoint, path)
+    except (OSError, RuntimeError) as e:  # torch.save は書けないと RuntimeError も出す
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip()
+        raise CheckpointError(f"{path} に保存できませんでした ({reason.splitlines()[-1]})") from e
 
 
 def load_checkpoint(
@@ -501,7 +524,7 @@ def load_checkpoint(
     """チェックポイントを読み込み、モデル (と最適化器・スケジューラー) に戻します。
 
     戻り値はチェックポイントの辞書です (``history`` と ``config`` を再開に使います)。
-    別のモデルの重みなら、どの ``--model`` のものかを添えて断ります。
+    別のモデルの重みなら、どのモデル (``MODELS`` の名前) のものかを添えて断ります。
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # 重みだけを読む
@@ -514,8 +537,9 @@ def load_checkpoint(
     state, target = checkpoint["model"], unwrap(model)
     if not _matches(target.state_dict(), state):
         others = [name for name, cls in MODELS.items() if _matches(cls().state_dict(), state)]
-        hint = f"--model {others[0]} を指定してください。" if others else "モデルの定義が違います。"
-        raise CheckpointError(f"{path} は {type(target).__name__} の重みではありません。{hint}")
+        hint = f"モデル {others[0]!r} の重みです" if others else "モデルの定義が違います"
+        raise CheckpointError(f"{path} は {type(target).__name__} の重みではありません ({hint})",
+                              model=others[0] if others else None)
     target.load_state_dict(state)
     if optimizer is not None and checkpoint.get("optimizer") is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -552,40 +576,52 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- コマンドライン
+# 学習の結果を決める設定。チェックポイントの "config" に保存し、--resume のとき同じかを確かめる
+RUN_SETTINGS = ("model", "optimizer", "lr", "batch_size", "epochs", "one_cycle", "augment",
+                "seed", "no_shuffle", "val_size", "train_size", "dry_run")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="PyTorch で MNIST を学習・評価します")
+    p = argparse.ArgumentParser(description="PyTorch で MNIST を学習・評価します",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--verbose", action="store_true", help="設定と経過を詳しく表示する")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
-                   help="訓練のバッチサイズ (DDP ではプロセスごと。既定: 32)")
+                   help="訓練のバッチサイズ (DDP ではプロセスごと)")
     p.add_argument("--test-batch-size", type=int, default=1000, metavar="N",
-                   help="検証・テストのバッチサイズ (既定: 1000)")
+                   help="検証・テストのバッチサイズ")
     p.add_argument("--no-shuffle", action="store_true", help="訓練データの順番を混ぜない")
     p.add_argument("--epochs", type=int, default=10, metavar="N",
-                   help="エポック数 (既定: 10。0 なら --save-model のモデルを評価するだけ)")
-    p.add_argument("--lr", type=float, default=0.01, metavar="LR", help="学習率 (既定: 0.01)")
-    p.add_argument("--seed", type=int, default=1, metavar="S", help="乱数のシード (既定: 1)")
+                   help="エポック数 (0 なら --save-model のモデルを評価するだけ)")
+    p.add_argument("--lr", type=float, default=0.01, metavar="LR",
+                   help="学習率 (--one-cycle なら最大の学習率)")
+    p.add_argument("--seed", type=int, default=1, metavar="S", help="乱数のシード")
     p.add_argument("--no-cuda", action="store_true", help="GPU があっても CPU で計算する")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:1, mps のどれか (既定: cuda → mps → cpu の順に選ぶ)")
-    p.add_argument("--dry-run", action="store_true", help="動作確認のため 1 バッチだけ実行する")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, mps のどれか。auto なら cuda → mps → cpu の順に選ぶ")
+    p.add_argument("--dry-run", action="store_true",
+                   help="動作確認のため、1 バッチだけで 1 エポック実行する")
     p.add_argument("--log-interval", type=int, default=10, metavar="N",
-                   help="--verbose のとき、損失を N バッチごとに表示する (既定: 10)")
+                   help="--verbose のとき、損失を N バッチごとに表示する")
     p.add_argument("--save-model", metavar="PATH",
-                   help="エポックごとにチェックポイントを保存するファイル (例: mnist_net.pt)")
+                   help="エポックごとにチェックポイントを保存するファイル (例: mnist_net.pt)。"
+                   "無いフォルダーは作る")
     p.add_argument("--resume", action="store_true",
-                   help="--save-model のファイルから、中断したエポックの続きを学習する")
+                   help="--save-model のファイルから、中断したエポックの続きを学習する "
+                   "(学習の設定はすべて保存したときと同じにする)")
+    p.add_argument("--extend", action="store_true",
+                   help="学習を終えたチェックポイントを、より大きな --epochs まで続ける (ほかの"
+                   "設定は同じにする。--one-cycle の学習率は新しいエポック数の予定に沿って変わる)")
     p.add_argument("--force", action="store_true",
                    help="--save-model のファイルがあっても、最初から学習して上書きする")
-    p.add_argument("--model", choices=list(MODELS), default="mnistnet",
-                   help="モデル (既定: mnistnet)")
+    p.add_argument("--model", choices=list(MODELS), default="mnistnet", help="モデル")
     p.add_argument("--optimizer", choices=["sgd", "adam", "adadelta"], default="adam",
-                   help="最適化器 (既定: adam)")
+                   help="最適化器")
     p.add_argument("--one-cycle", action="store_true", help="学習率を one-cycle で変える")
     p.add_argument("--augment", action="store_true", help="少し回し・拡大縮小し・ずらすデータ拡張")
     p.add_argument("--val-size", type=int, default=None, metavar="N",
-                   help="訓練データから検証用に分ける枚数 (既定: 1/8)")
+                   help="訓練データから検証用に分ける枚数 (None なら 1/8)")
     p.add_argument("--train-size", type=int, default=None, metavar="N",
-                   help="検証用を除いた訓練データの先頭 N 枚だけを使う (既定: 全部)")
+                   help="検証用を除いた訓練データの先頭 N 枚だけを使う (None なら全部)")
     p.add_argument("--download", action="store_true",
                    help="torchvision でダウンロードする (インターネット接続が必要)")
     p.add_argument("datadir", help="MNIST の IDX ファイルがあるフォルダー")
@@ -602,31 +638,58 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--epochs は 0 以上です (渡された値: {args.epochs})")
     if not (math.isfinite(args.lr) and args.lr > 0):  # inf や nan も断る
         parser.error(f"--lr は正の有限の数です (渡された値: {args.lr})")
-    if args.no_cuda and args.device is not None:
+    if args.no_cuda and args.device != "auto":
         parser.error("--no-cuda と --device は同時に指定できません")
     if not args.download and not Path(args.datadir).is_dir():
         parser.error(f"datadir {args.datadir!r} がありません (MNIST のあるフォルダーを指定)")
-    if args.resume and args.force:
-        parser.error("--resume と --force は同時に指定できません")
+    if (args.resume or args.extend) and args.force:
+        parser.error("--resume・--extend と --force は同時に指定できません")
+    if args.resume and args.extend:
+        parser.error("--resume と --extend のどちらか 1 つを指定してください")
+    reads = args.epochs == 0 or args.resume or args.extend  # 保存したファイルを読む場合
     if args.save_model is None:
-        if args.epochs == 0 or args.resume:
-            parser.error("--epochs 0 と --resume には --save-model PATH (既存のファイル) を指定")
+        if reads:
+            parser.error("--epochs 0・--resume・--extend には --save-model PATH (既存のファイル)"
+                         " を指定")
         return
     path = Path(args.save_model)
     if path.suffix == "" or path.is_dir():
         parser.error(f"--save-model {path}: 拡張子つきのファイル名にします (例: mnist_net.pt)")
-    if not path.parent.is_dir():
-        parser.error(f"--save-model のフォルダー {path.parent} がありません。先に作ってください")
-    if (args.epochs == 0 or args.resume) and not path.is_file():
-        parser.error(f"--save-model {path} がありません (--epochs 0 と --resume はこれを読みます)")
+    if reads and not path.is_file():
+        parser.error(f"--save-model {path} がありません (--epochs 0・--resume・--extend は"
+                     "これを読みます)")
     if args.epochs > 0:
-        try:  # 書き込めるかを、学習の前に一時ファイルを作って確かめる
+        if path.exists() and not (args.resume or args.extend or args.force):
+            parser.error(f"{path} はすでにあります。続きを学習するなら --resume、"
+                         "最初からやり直して上書きするなら --force をつけてください")
+        try:  # フォルダーを作り、書き込めるかを、学習の前に一時ファイルを作って確かめる
+            path.parent.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=path.parent).close()
         except OSError as e:
             parser.error(f"--save-model のフォルダー {path.parent} に書き込めません ({e.strerror})")
-        if path.exists() and not (args.resume or args.force):
-            parser.error(f"{path} はすでにあります。続きを学習するなら --resume、"
-                         "最初からやり直して上書きするなら --force をつけてください")
+
+
+def check_resume(args: argparse.Namespace, config: dict, checkpoint: dict) -> str | None:
+    """再開できるかを確かめ、できなければ理由を 1 行で返します (できれば None)。
+
+    学習の結果を決める設定 (``config``) がすべて保存したときと同じなら再開できます。
+    ``--extend`` のときだけ、保存したより大きな ``--epochs`` を受け付けます。
+    """
+    stored, done = checkpoint.get("config", {}), len(checkpoint.get("history", []))
+    changed = [f"{'--' + k.replace('_', '-') if k in RUN_SETTINGS else k} "
+               f"(保存 {stored.get(k)}、指定 {v})"
+               for k, v in config.items() if stored.get(k) != v
+               and not (k == "epochs" and args.extend)]
+    if changed:
+        return (f"{args.save_model} と学習の設定が違うので続けられません: {', '.join(changed)}。"
+                "保存したときと同じ設定にするか、--force で最初から学習してください")
+    if args.extend and args.epochs <= stored.get("epochs", 0):
+        return (f"--extend には、保存した {stored.get('epochs')} より大きな --epochs を"
+                "指定してください")
+    if args.resume and done >= args.epochs:
+        return (f"{args.save_model} は {done} エポックの学習を終えています。"
+                f"延ばすなら --extend --epochs N (N > {done}) を指定してください")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -634,14 +697,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
-        device = get_device("cpu" if args.no_cuda else args.device)
+        device = get_device("cpu" if args.no_cuda else None if args.device == "auto"
+                            else args.device)
         rank, world_size = setup_distributed(device)
     except (ValueError, RuntimeError) as e:
         parser.error(str(e))
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # 1 プロセスに 1 GPU
         torch.cuda.set_device(device)
-    main_process = rank == 0  # 表示・評価・保存は rank 0 だけがする
+    main_process = rank == 0  # テストの評価・表示・保存は rank 0 だけがする
 
     # データ: 訓練データを訓練用と検証用に分ける。テストデータは最後に 1 回だけ使う
     try:
@@ -654,8 +718,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         n_val = args.val_size or len(full_train) // 8
         train_idx, val_idx = split_train_val(torch.as_tensor(full_train.targets), n_val)
     except (DataError, ValueError) as e:
-        parser.exit(1, f"エラー: {e}\n")
-    train_set = Subset(full_train, train_idx[: args.train_size].tolist())
+        hint = ("インターネットにつながるなら --download で入手できます。"
+                if isinstance(e, MissingDataError) else "")
+        parser.exit(1, f"エラー: {e}{hint}\n")
+    train_idx = train_idx[: args.train_size]
+    if args.dry_run:  # 動作確認: 1 バッチずつだけ使う
+        train_idx, val_idx = train_idx[: args.batch_size], val_idx[: args.test_batch_size]
+        test_set = Subset(test_set, range(min(args.test_batch_size, len(test_set))))
+    train_set = Subset(full_train, train_idx.tolist())
     val_set = Subset(full_train, val_idx.tolist())
     sampler = None
     if world_size > 1:  # 各プロセスに訓練データの別々の部分を配る
@@ -666,28 +736,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     test_loader = DataLoader(test_set, batch_size=args.test_batch_size)
 
     # モデル・最適化器・スケジューラー (続きから学習するなら、保存した状態に戻す)
+    epochs = 1 if args.dry_run and args.epochs > 0 else args.epochs
     torch.manual_seed(args.seed)  # 全プロセスで同じ初期値にする
     model = create_model(args.model, device)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
-    steps = 1 if args.dry_run else max(args.epochs, 1) * len(train_loader)
-    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps)
-                 if args.one_cycle else None)
-    config = {k: getattr(args, k) for k in ("model", "optimizer", "lr", "batch_size", "epochs",
-                                            "one_cycle", "augment", "seed", "no_shuffle",
-                                            "val_size", "train_size")}
-    config["world_size"] = world_size
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, args.lr, total_steps=max(epochs, 1) * len(train_loader))
+        if args.one_cycle else None)
+    config = {k: getattr(args, k) for k in RUN_SETTINGS} | {"world_size": world_size}
     history: list[dict[str, float]] = []
-    if args.resume or args.epochs == 0:
+    if args.resume or args.extend or args.epochs == 0:
         try:
-            checkpoint = load_checkpoint(model, args.save_model, optimizer, scheduler)
+            checkpoint = load_checkpoint(model, args.save_model, optimizer,
+                                         None if args.extend else scheduler)
         except CheckpointError as e:
-            parser.exit(1, f"エラー: {e}\n")
-        changed = [f"{k}: {checkpoint['config'].get(k)} → {v}" for k, v in config.items()
-                   if args.resume and checkpoint["config"].get(k) != v]
-        if changed:
-            parser.error(f"{args.save_model} と設定が違うので続きを学習できません "
-                         f"({', '.join(changed)})")
+            hint = f"。--model {e.model} を指定してください" if e.model else ""
+            parser.exit(1, f"エラー: {e}{hint}\n")
+        problem = check_resume(args, config, checkpoint) if args.epochs > 0 else None
+        if problem:
+            parser.exit(2, f"エラー: {problem}\n")
         history = checkpoint["history"]
+        if args.epochs > 0:
+            torch.set_rng_state(checkpoint["rng_state"])  # 中断したときの乱数の続きから
+        if args.extend and scheduler is not None:  # 学習率は新しい総ステップ数の予定に沿う
+            done_steps = checkpoint["scheduler"]["last_epoch"]
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, args.lr, total_steps=epochs * len(train_loader),
+                last_epoch=done_steps - 1)
         if main_process:
             print(f"{args.save_model} を読み込みました (エポック {len(history)} まで学習済み)")
     if world_size > 1:  # 勾配をプロセス間で平均する (all-reduce) ラッパー
@@ -700,26 +775,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if args.verbose:
             print("設定:", config)
 
+    # 学習: fit がエポックごとに返す成績を、表示して保存する
+    seconds_before = history[-1]["seconds"] if history else 0.0
     try:
-        fit(model, optimizer, train_loader, val_loader, args.epochs, device, scheduler,
-            args.augment, args.seed, history,
-            save_path=args.save_model if args.epochs > 0 else None, config=config,
-            rank=rank, dry_run=args.dry_run, progress=main_process,
-            log_interval=args.log_interval if args.verbose else 0)
+        for record in fit(model, optimizer, train_loader, val_loader, epochs, device, scheduler,
+                          args.augment, first_epoch=len(history) + 1,
+                          log_interval=args.log_interval if args.verbose else 0):
+            record["seconds"] += seconds_before  # 中断の前からの累計
+            if not math.isfinite(record["train_loss"]):
+                raise TrainingError(f"エポック {record['epoch']} で損失が {record['train_loss']} "
+                                    "になりました。--lr を小さくしてください")
+            if main_process:
+                print(epoch_line(record), flush=True)
+                if args.save_model:  # 保存できてから記録に加える
+                    save_checkpoint(args.save_model, model, optimizer, scheduler,
+                                    [*history, record], config)
+            history.append(record)
     except KeyboardInterrupt:
         saved = f"エポック {len(history)} までを {args.save_model} に保存済みです。" \
             "同じコマンドに --resume をつけると続きから学習します" \
             if args.save_model and history else "保存したものはありません"
         print(f"\n中断しました。{saved}", file=sys.stderr)
         sys.exit(130)
-    except TrainingError as e:
-        parser.exit(1, f"エラー: {e}" + (f" ({args.save_model} は前のまま)" if args.save_model
-                                         else "") + "\n")
+    except (TrainingError, CheckpointError) as e:
+        kept = (f"前の {args.save_model} はそのまま残っています"
+                if args.save_model and Path(args.save_model).exists() else "何も保存していません")
+        parser.exit(1, f"エラー: {str(e).rstrip('。')}。{kept}\n")
 
     seconds = history[-1]["seconds"] if history else 0.0
     result = {"train_seconds": seconds, "world_size": world_size, "epochs": len(history)}
     if main_process:  # テストデータで評価するのは、学習が終わってからの 1 回だけ
-        test = evaluate(unwrap(model), test_loader, device, dry_run=args.dry_run)
+        test = evaluate(unwrap(model), test_loader, device)
         result.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
         print(f"結果: テスト正解率 {100 * test['accuracy']:.2f} % "
               f"({round(test['accuracy'] * test['images'])}/{test['images']} 枚)、"

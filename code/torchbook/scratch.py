@@ -121,7 +121,10 @@ def fit_torch(
     epochs: int = 2,
     bs: int = 64,
 ) -> list[float]:
-    """:func:`fit` と同じ学習を nn.Linear・F.cross_entropy・optim.SGD で書いた版です。"""
+    """:func:`fit` と同じ学習を nn.Linear・F.cross_entropy・optim.SGD で書いた版です。
+
+    見比べられるように、ループは :func:`fit` とわざと同じ形にしてあります。
+    """
     opt = torch.optim.SGD(layer.parameters(), lr=lr)
     n = len(x)
     losses = []

@@ -1,27 +1,32 @@
 """計算デバイスの選択と、デバイスごとの速い計算形式 (channels_last・bf16) の決定。
 
 ``get_device`` (と ``KNOWN_TYPES``・``cuda_available``・``mps_available``) は
-``torchbook/device.py`` の同名の関数の写しです。このフォルダーだけをコピーしても動くように
-写してあり、テストが両者の一致を確かめます。直すときは両方を同じに直してください。
+``torchbook/device.py`` の同名の定義の写しです。このフォルダーだけをコピーしても動くように
+写してあり、"# Copied from" の印のある定義は元と同じ文面であることをテストが確かめます
+(tests/test_device.py)。直すときは元 (torchbook/device.py) を直し、写しも同じにしてください。
 """
 
 from __future__ import annotations
 
 import torch
 
+# Copied from torchbook.device.KNOWN_TYPES
 KNOWN_TYPES = ("cuda", "mps", "cpu")  # get_device が受け付けるデバイスの種類
 
 
+# Copied from torchbook.device.cuda_available
 def cuda_available() -> bool:
     """NVIDIA の GPU (CUDA) が使えるかどうかを返します。"""
     return torch.cuda.is_available()
 
 
+# Copied from torchbook.device.mps_available
 def mps_available() -> bool:
     """Apple の GPU (MPS) が使えるかどうかを返します。"""
     return torch.backends.mps.is_available()
 
 
+# Copied from torchbook.device.get_device
 def get_device(name: str | None = None) -> torch.device:
     """使う計算デバイスを返します。
 
@@ -74,7 +79,10 @@ def bf16_supported(device: torch.device) -> bool:
     AVX2 までの CPU では bf16 の畳み込みが遅い参照実装になり、fp32 より何十倍も遅くなります。
     """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        try:  # Ampere より前の GPU (T4・V100) は bf16 をエミュレーションで計算するので数えない
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # including_emulation の無い古い PyTorch は、エミュレーションを数えない
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
