@@ -1,0 +1,92 @@
+"""何も変えずにもう一度ビルドしたとき (キャッシュの効いた再ビルド) の所要時間を測ります。
+
+本を書きながら何度もビルドするので、変更のない再ビルドは速くなければなりません。予算は 3 秒
+です。先に一度 ``jupyter-book build .`` を済ませてから実行します。予算を超えても失敗には
+しません (計算機の負荷でも遅くなるため。表示だけ)。
+
+    python benchmarks/rebuild_bench.py --repeats 3
+
+各回の時間、中央値、予算を表示し、``--profile`` を付けると 1 回分を cProfile で測って、
+拡張 (_ext/) の関数ごとの累積時間の上位を表示します。
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET_SECONDS = 3.0
+
+
+def build_command() -> list[str]:
+    exe = shutil.which("jupyter-book")
+    if exe is None:
+        raise SystemExit("jupyter-book がありません (bash scripts/setup.sh で入れてください)")
+    return [exe, "build", str(ROOT)]
+
+
+def rebuild(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout[-3000:] + res.stderr[-3000:])
+        raise SystemExit(f"ビルドが失敗しました (終了コード {res.returncode})")
+    return seconds
+
+
+def profile(cmd: list[str], top: int) -> None:
+    """同じビルドを、このプロセスの中で cProfile を付けて 1 回実行します。"""
+    from jupyter_book.cli.main import main as jb_main
+
+    prof = cProfile.Profile()
+    argv = sys.argv
+    sys.argv = ["jupyter-book", *cmd[1:]]
+    prof.enable()
+    try:
+        jb_main(standalone_mode=False)
+    finally:
+        prof.disable()
+        sys.argv = argv
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out).sort_stats("cumulative")
+    stats.print_stats(top)
+    print(out.getvalue())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3, help="測る回数 (既定 3)")
+    ap.add_argument("--profile", action="store_true", help="1 回分を cProfile で表示する")
+    ap.add_argument("--top", type=int, default=40, help="--profile で表示する関数の数")
+    args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats は 1 以上にしてください")
+    if not (ROOT / "_build" / "html" / "search.html").exists():
+        ap.error("先に一度 jupyter-book build . でビルドしてください (変更のない再ビルドを測ります)")
+    os.environ.setdefault("PYTHONPATH", str(ROOT / "code"))
+    cmd = build_command()
+    rebuild(cmd)  # 直前の変更を取り込む 1 回 (測らない)
+    times = [rebuild(cmd) for _ in range(args.repeats)]
+    median = statistics.median(times)
+    print("変更のない再ビルド (jupyter-book build .): "
+          + "、".join(f"{t:.1f} 秒" for t in times))
+    verdict = "OK" if median <= BUDGET_SECONDS else "超過 (負荷でも起きるので表示だけ)"
+    print(f"中央値 {median:.1f} 秒 / 予算 {BUDGET_SECONDS:g} 秒: {verdict}")
+    if args.profile:
+        profile(cmd, args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""変更のない再ビルドを速く保つ仕組み (_ext/reader_fixes.py、_ext/webdemo.py) の検査。
+
+時間そのものは benchmarks/rebuild_bench.py が測ります。ここでは「同じ入力なら重い処理をしない、
+入力が変われば必ずやり直す」ことを確かめます。
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "_ext"))
+import reader_fixes  # noqa: E402
+import webdemo  # noqa: E402
+
+THEME_CSS = ".fa-bars:before{content:\"\\f0c9\"}.fa-unused:before{content:\"\\f000\"}" \
+            ".used{color:red}.never-used{color:blue}"
+
+
+def test_identical_files_are_not_copied_again(tmp_path):
+    src, dest = tmp_path / "a.wasm", tmp_path / "out.wasm"
+    src.write_bytes(b"x" * 1000)
+    webdemo.copy_if_changed(src, dest)
+    os.utime(dest, ns=(1, 1))  # 写し直したら時刻が変わる
+    webdemo.copy_if_changed(src, dest)
+    assert dest.stat().st_mtime_ns == 1
+    src.write_bytes(b"y" * 1000)  # 大きさが同じでも、中身が違えば写す
+    webdemo.copy_if_changed(src, dest)
+    assert dest.read_bytes() == src.read_bytes()
+
+
+@pytest.fixture
+def site(tmp_path):
+    out = tmp_path / "html"
+    (out / "_static" / "styles").mkdir(parents=True)
+    (out / "book").mkdir()
+    (out / "book" / "a.html").write_text('<i class="fa-bars used"></i>', encoding="utf-8")
+    (out / "_static" / "styles" / "pydata-sphinx-theme.css").write_text(THEME_CSS,
+                                                                        encoding="utf-8")
+    return out
+
+
+def test_site_shrinking_is_reused_until_an_input_changes(site, tmp_path, monkeypatch):
+    calls = []
+    real_purge = reader_fixes.purge_theme_css
+    monkeypatch.setattr(reader_fixes, "purge_theme_css",
+                        lambda outdir: (calls.append(1), real_purge(outdir)))
+    state = tmp_path / "doctrees" / "reader_fixes.json"
+    css = site / "_static" / "styles" / "pydata-sphinx-theme.css"
+    assert reader_fixes.shrink_site(site, state) is True
+    purged = css.read_text(encoding="utf-8")
+    assert ".never-used" not in purged and ".used" in purged
+    # 変更のない再ビルド: Sphinx が元の CSS を写し直しても、前回の結果を書くだけ
+    css.write_text(THEME_CSS, encoding="utf-8")
+    assert reader_fixes.shrink_site(site, state) is False
+    assert css.read_text(encoding="utf-8") == purged and len(calls) == 1
+    assert reader_fixes.shrink_site(site, state) is False  # 写し直さなかったときも同じ
+    # ページが変わったら (新しい class を使う)、やり直す
+    (site / "book" / "a.html").write_text('<i class="fa-bars used never-used"></i>',
+                                          encoding="utf-8")
+    css.write_text(THEME_CSS, encoding="utf-8")
+    assert reader_fixes.shrink_site(site, state) is True
+    assert ".never-used" in css.read_text(encoding="utf-8") and len(calls) == 2
+    # テーマの CSS が変わったときも、やり直す
+    css.write_text(THEME_CSS + ".used{margin:0}", encoding="utf-8")
+    assert reader_fixes.shrink_site(site, state) is True and len(calls) == 3
+
+
+def test_only_the_pages_written_in_this_build_are_fixed(site):
+    page = site / "book" / "a.html"
+    other = site / "book" / "b.html"
+    raw = '<script defer src="../_static/scripts/fontawesome.js?v=1"></script>'
+    page.write_text(raw, encoding="utf-8")
+    other.write_text(raw, encoding="utf-8")
+    assert reader_fixes.fix_pages(site, [page]) == 1
+    assert "fontawesome.js" not in page.read_text(encoding="utf-8")
+    assert other.read_text(encoding="utf-8") == raw  # 書かなかったページには触れない
+    assert reader_fixes.fix_pages(site) == 1  # 省けば、すべてのページ
+    assert reader_fixes.fix_pages(site) == 0  # 直したページは、もう変わらない
+
+
+def test_changing_the_extension_forces_a_full_rewrite():
+    """env_version は reader_fixes.py の中身から決まる (変えれば Sphinx が全ページを書き直す)。"""
+
+    class App:
+        def __init__(self):
+            self.events = []
+
+        def connect(self, event, fn, priority=500):
+            self.events.append(event)
+
+    app = App()
+    meta = reader_fixes.setup(app)
+    text = Path(reader_fixes.__file__).read_bytes()
+    assert meta["env_version"] == int(reader_fixes._sha(text)[:8], 16)
+    assert "html-page-context" in app.events  # 書いたページを覚える
