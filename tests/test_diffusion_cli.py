@@ -136,6 +136,7 @@ def test_missing_parent_folders_are_created(tmp_path):
 # ---------------------------------------------------------------- コピーしたフォルダー
 
 
+@pytest.mark.slow
 def test_copied_folder_runs_alone(tmp_path):
     """本のほかのモジュールなしで、コピーしたフォルダーが import でき CLI が動く。"""
     dst = tmp_path / "diffusion"
@@ -159,6 +160,7 @@ def test_copied_folder_runs_alone(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_dry_run_builds_its_model_on_the_chosen_device(monkeypatch, tmp_path):
     """--dry-run の UNet も --device の装置へ移す (以前は CPU のままで、CUDA 機で失敗した)。"""
     moved = []
@@ -183,6 +185,7 @@ def test_sample_dry_run_builds_its_model_on_the_chosen_device(monkeypatch, tmp_p
     assert seen["model"].type == seen["device"].type == "cpu"
 
 
+@pytest.mark.slow
 def test_provenance_records_the_module_as_run(tmp_path):
     dst = tmp_path / "mydiff"
     shutil.copytree(SRC, dst, ignore=shutil.ignore_patterns("weights", "__pycache__"))
@@ -208,6 +211,7 @@ def test_evaluate_writes_no_shipped_file_by_default(tmp_path, monkeypatch):
     assert WEIGHTS not in Path(args.out).resolve().parents
 
 
+@pytest.mark.slow
 def test_classifier_dry_run_never_touches_shipped_weights(tmp_path):
     before = {p.name: _digest(p) for p in WEIGHTS.iterdir() if p.is_file()}
     info = classifier.main(["--data-root", str(fashion_root()), "--dry-run", "--batch-size",
@@ -228,6 +232,7 @@ def _write_keys(path: str, prefix: str, n: int) -> None:
         evaluate.add_entry(Path(path), f"{prefix}{i}", {"fid": float(i)})
 
 
+@pytest.mark.slow
 def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
     path = tmp_path / "ddpm.json"
     path.write_text(json.dumps({"train": {"step": 7}}))

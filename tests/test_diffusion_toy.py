@@ -120,6 +120,7 @@ def test_sampler_with_ideal_eps_reproduces_the_mixture(mix, sched, kw):
     assert near > 0.95
 
 
+@pytest.mark.slow
 def test_trained_model_beats_baseline_and_approaches_ideal(mix, sched, trained):
     g = torch.Generator().manual_seed(7)
     x0, comp = toy.sample_mixture(mix, 20000, g)
@@ -136,6 +137,7 @@ def test_trained_model_beats_baseline_and_approaches_ideal(mix, sched, trained):
     assert err < 0.1 * ref
 
 
+@pytest.mark.slow
 def test_sampler_on_trained_model_matches_mixture(mix, sched, trained):
     x = sampling.sample(trained, sched, 1000, method="ddpm", seed=0)
     mass, near = component_mass(mix, x)
@@ -146,6 +148,7 @@ def test_sampler_on_trained_model_matches_mixture(mix, sched, trained):
     assert spread == pytest.approx(mix.std * (torch.pi / 2) ** 0.5, rel=0.15)
 
 
+@pytest.mark.slow
 def test_guidance_selects_the_class(mix, sched, trained):
     y = torch.zeros(1000, dtype=torch.long)
     in_class = mix.labels == 0

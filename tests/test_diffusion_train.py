@@ -15,6 +15,7 @@ from torchbook.diffusion.train import EMA, training_loss
 from torchbook.diffusion.unet import UNet
 
 
+@pytest.mark.slow
 def test_tiny_training_lowers_loss():
     torch.manual_seed(0)
     model = UNet(channels=(16, 32)).train()
@@ -61,6 +62,7 @@ def _common(out) -> list[str]:
             "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     common = _common(tmp_path)
     first = train.main([*common, "--steps", "2"])
@@ -83,6 +85,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         train.main([*common[:5], "16,64", *common[6:], "--steps", "6", "--resume"])
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
     common = _common(tmp_path)
     train.main([*common, "--steps", "1"])
@@ -110,6 +113,7 @@ def test_export_never_replaces_an_unrelated_json(tmp_path, capsys):
     assert json.loads(notes.read_text()) == {"my": "notes"}
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_state(tmp_path, monkeypatch, capsys):
     common = _common(tmp_path)
     calls = {"n": 0}

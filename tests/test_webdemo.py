@@ -31,6 +31,7 @@ def tiny_model() -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_export_writes_one_self_contained_file_that_matches_pytorch(tmp_path):
     model = tiny_model()
     path = webdemo.export_onnx(model, (torch.randn(1, 1, 6, 6),), tmp_path / "m.onnx",
@@ -40,6 +41,7 @@ def test_export_writes_one_self_contained_file_that_matches_pytorch(tmp_path):
     assert 0 <= diff < 1e-5
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_graph_that_differs_from_the_model(tmp_path):
     model = tiny_model()
     path = webdemo.export_onnx(model, (torch.randn(1, 1, 6, 6),), tmp_path / "m.onnx",
@@ -50,6 +52,7 @@ def test_verify_refuses_a_graph_that_differs_from_the_model(tmp_path):
         webdemo.verify_onnx(path, model, (torch.randn(1, 1, 6, 6),))
 
 
+@pytest.mark.slow
 def test_failed_export_leaves_no_file(tmp_path):
     class Broken(torch.nn.Module):
         def forward(self, x):
