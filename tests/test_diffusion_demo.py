@@ -56,6 +56,7 @@ def test_reference_loop_equals_sample(model_and_meta, guidance):
     assert ref.std() > 0.05  # 比べる画像が一様ではない
 
 
+@pytest.mark.slow
 def test_reference_loop_eta_uses_given_noise(model_and_meta):
     """η > 0 では、与えたノイズで sample と同じ (sample は x_T の後に同じ生成器で引く)。"""
     model, sched, meta = model_and_meta

@@ -110,6 +110,7 @@ def test_sample_mixture_statistics(mix):
     assert (x.abs() > 1).any(1).double().mean() < 1e-3  # ほぼすべて画像と同じ [-1, 1] の中
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [{}, {"eta": 0.0}, {"method": "ddpm"}])
 def test_sampler_with_ideal_eps_reproduces_the_mixture(mix, sched, kw):
     # 画像と同じ sample() に理想の ε* を入れると、混合の分布がそのまま出てくる
