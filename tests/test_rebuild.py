@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "_ext"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "_ext"))
 import reader_fixes  # noqa: E402
 import webdemo  # noqa: E402
 
@@ -97,3 +100,38 @@ def test_changing_the_extension_forces_a_full_rewrite():
     text = Path(reader_fixes.__file__).read_bytes()
     assert meta["env_version"] == int(reader_fixes._sha(text)[:8], 16)
     assert "html-page-context" in app.events  # 書いたページを覚える
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("jupyter-book") is None, reason="jupyter-book が入っていません")
+def test_real_rebuild_reuses_the_shrinking_and_keeps_pages_fixed(tmp_path):
+    """本物の jupyter-book で 2 回ビルドする: 2 回目も CSS は縮んだまま、ページは直ったまま。"""
+    (tmp_path / "_config.yml").write_text(
+        "title: t\nexecute:\n  execute_notebooks: 'off'\nsphinx:\n  local_extensions:\n"
+        f"    reader_fixes: {ROOT / '_ext'}\n", encoding="utf-8")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: a\nchapters:\n- file: b\n",
+                                       encoding="utf-8")
+    (tmp_path / "a.md").write_text("# A\n\n本文\n", encoding="utf-8")
+    (tmp_path / "b.md").write_text("# B\n\n本文\n", encoding="utf-8")
+    out = tmp_path / "_build" / "html"
+    css = out / "_static" / "styles" / "pydata-sphinx-theme.css"
+    state = tmp_path / "_build" / ".doctrees" / "reader_fixes.json"
+
+    def build() -> None:
+        proc = subprocess.run([shutil.which("jupyter-book"), "build", str(tmp_path)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    build()
+    first_css = css.read_text(encoding="utf-8")
+    first_state = state.stat().st_mtime_ns
+    page_b = (out / "b.html").read_text(encoding="utf-8")
+    assert "fontawesome.js" not in page_b and "searchindex.js" not in page_b
+    build()  # 変更なし
+    assert css.read_text(encoding="utf-8") == first_css  # 写し直された CSS も縮んだまま
+    assert state.stat().st_mtime_ns == first_state  # 縮小はやり直していない
+    assert (out / "b.html").read_text(encoding="utf-8") == page_b
+    (tmp_path / "b.md").write_text("# B\n\n本文を変えた\n", encoding="utf-8")
+    build()  # ページが変われば、直してから縮小もやり直す
+    page_b = (out / "b.html").read_text(encoding="utf-8")
+    assert "本文を変えた" in page_b and "fontawesome.js" not in page_b
