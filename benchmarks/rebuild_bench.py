@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGET_SECONDS = 3.0
 
 
-def build_command() -> list[str]:
+def build_command(config: str | None = None) -> list[str]:
     exe = shutil.which("jupyter-book")
     if exe is None:
         raise SystemExit("jupyter-book がありません (bash scripts/setup.sh で入れてください)")
-    return [exe, "build", str(ROOT)]
+    return [exe, "build", str(ROOT), *(["--config", config] if config else [])]
 
 
 def rebuild(cmd: list[str]) -> float:
@@ -69,13 +69,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="測る回数 (既定 3)")
     ap.add_argument("--profile", action="store_true", help="1 回分を cProfile で表示する")
     ap.add_argument("--top", type=int, default=40, help="--profile で表示する関数の数")
+    ap.add_argument("--config", help="前回のビルドで使った設定ファイル (jupyter-book の --config)")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats は 1 以上にしてください")
     if not (ROOT / "_build" / "html" / "search.html").exists():
-        ap.error("先に一度 jupyter-book build . でビルドしてください (変更のない再ビルドを測ります)")
+        ap.error("先に一度 jupyter-book build . を実行してください (変更のない再ビルドを測ります)")
     os.environ.setdefault("PYTHONPATH", str(ROOT / "code"))
-    cmd = build_command()
+    cmd = build_command(args.config)
     rebuild(cmd)  # 直前の変更を取り込む 1 回 (測らない)
     times = [rebuild(cmd) for _ in range(args.repeats)]
     median = statistics.median(times)
