@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "_ext"))
+import fast_toc  # noqa: E402, F401
 import reader_fixes  # noqa: E402
 import webdemo  # noqa: E402
 
@@ -135,3 +136,26 @@ def test_real_rebuild_reuses_the_shrinking_and_keeps_pages_fixed(tmp_path):
     build()  # ページが変われば、直してから縮小もやり直す
     page_b = (out / "b.html").read_text(encoding="utf-8")
     assert "本文を変えた" in page_b and "fontawesome.js" not in page_b
+
+
+def test_toc_scan_skips_excluded_folders_with_the_same_result(tmp_path):
+    """除外したフォルダーに入らない走査も、除外されていないファイルは glob と同じだけ返す。"""
+    import glob
+
+    from sphinx.util.matching import Matcher
+
+    for rel in ("a.md", "book/b.md", "book/c.ipynb", "node_modules/x/readme.md",
+                "_build/html/d.md", "book/.hidden/e.md", ".f.md", "book/sub/g.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    excluded = Matcher(["_build", "node_modules", "**/.ipynb_checkpoints"])
+    pruned = fast_toc.PrunedGlob(str(tmp_path), excluded)
+    pattern = str(tmp_path / "**" / "*.md")
+    expected = {p for p in glob.iglob(pattern, recursive=True)
+                if not any(excluded("/".join(Path(p).relative_to(tmp_path).parts[:i + 1]))
+                           for i in range(len(Path(p).relative_to(tmp_path).parts)))}
+    assert set(pruned.iglob(pattern, recursive=True)) == expected
+    assert {Path(p).name for p in expected} == {"a.md", "b.md", "g.md"}
+    # ほかの形のパターンは glob に任せる
+    other = str(tmp_path / "book" / "*.ipynb")
+    assert list(pruned.iglob(other)) == glob.glob(other)
