@@ -1,6 +1,8 @@
 """ビルドした本を、読者と同じように headless Chromium で開いて確かめます。
 
-_build/html を 127.0.0.1 の空いたポートで配信し、Debian の chromium を CDP で操作します。
+_build/html を 127.0.0.1 の空いたポートで配信し、Debian の chromium を Playwright で操作します
+(``executable_path`` で渡すので Playwright はブラウザーをダウンロードせず、オフラインで動きます)。
+axe-core は axe-playwright-python で動かします (axe-core 本体は node_modules の固定した版)。
 次のどれかがあれば失敗 (終了コード 1) にします。
 
 - 図の日本語に字形が無い (SVG の文字をブラウザーのフォントで描いて豆腐と比べる。ラスター画像は
@@ -10,7 +12,7 @@ _build/html を 127.0.0.1 の空いたポートで配信し、Debian の chromiu
 - コンソールのエラー、127.0.0.1 以外への通信
 - axe-core の critical / serious の違反
 - ダウンロードできる .ipynb に実行結果が無い
-- ページの重さが上限を超える (キャッシュなしの初回表示で転送したバイト数)
+- ページの重さが上限 (1.5 MB) を超える (キャッシュなしの初回表示で転送したバイト数)
 - 図の最も小さい文字が 1280 px の表示で 9 CSS px 未満
 
 ページごとの表 (バイト数、リクエスト数、初回描画までの時間、違反の数) を表示し、
@@ -22,22 +24,22 @@ _build/html を 127.0.0.1 の空いたポートで配信し、Debian の chromiu
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import http.server
 import os
 import re
 import shutil
-import struct
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cdp import Browser, CDPError  # noqa: E402
+from axe_playwright_python.sync_playwright import Axe
+from PIL import Image
+from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_TERMS = [
@@ -49,9 +51,8 @@ SEARCH_TERMS = [
     "計算グラフ",
     "分類器なしガイダンス",
 ]
-# 初回表示で転送してよいバイト数。06_diffusion (導出・UNet の表・デモの説明) は 1.55 MB で、
-# うち MathJax が 0.44 MB。1.5 MB から 1.6 MB に上げた。次は 06 の一部を節のページへ移して戻す
-WEIGHT_BUDGET = 1_600_000
+# 初回表示で転送してよいバイト数 (数式の MathJax は画面に近づいてから読むので含まない)
+WEIGHT_BUDGET = 1_500_000
 MIN_TEXT_PX = 9.0  # 1280 px の表示で、図の最も小さい文字の大きさ (CSS px)
 DEFAULT_MIN_FONT_PT = 10.0  # 図のコードが記録していないときの、matplotlib の最小の文字 (pt)
 NAV_WIDTHS = (390, 900, 1280)
@@ -63,6 +64,9 @@ SNIPPET_NOISE = re.compile(
 )
 SCREENSHOT_PAGES = ("book/03_gpu.html", "book/06_diffusion.html")
 SOLUTION_PAGE = "book/04_nn_from_scratch.html"
+# Playwright がブラウザーを起動するときの引数 (Debian の chromium をそのまま使う)
+CHROMIUM_ARGS = ["--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1",
+                 "--mute-audio", "--disable-extensions", "--disable-component-update"]
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -77,151 +81,163 @@ def serve(html_dir: Path) -> tuple[http.server.ThreadingHTTPServer, int]:
     return server, server.server_address[1]
 
 
+def find_chromium(name: str) -> str | None:
+    """Debian の chromium の実行ファイル (Playwright にブラウザーをダウンロードさせない)。"""
+    return shutil.which(name)
+
+
+def launch(playwright, executable: str) -> Browser:
+    return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+
+
 def png_info(path: Path) -> tuple[float, float | None]:
     """PNG の解像度 (dpi, pHYs) と、図のコードが書いた最小の文字 (tEXt min_font_pt) を返します。"""
-    data = path.read_bytes()
-    dpi, min_pt = 100.0, None
-    pos = 8
-    while pos + 8 <= len(data):
-        n, kind = struct.unpack("!I4s", data[pos : pos + 8])
-        body = data[pos + 8 : pos + 8 + n]
-        if kind == b"pHYs" and body[8] == 1:  # 1 = メートルあたりの画素数
-            dpi = struct.unpack("!I", body[:4])[0] * 0.0254
-        elif kind == b"tEXt" and body.startswith(b"min_font_pt\0"):
-            min_pt = float(body.split(b"\0", 1)[1])
-        elif kind == b"zTXt" and body.startswith(b"min_font_pt\0"):
-            min_pt = float(zlib.decompress(body.split(b"\0", 1)[1][1:]))
-        elif kind == b"IEND":
-            break
-        pos += 12 + n
-    return round(dpi), min_pt
+    with Image.open(path) as im:
+        dpi = im.info.get("dpi", (100.0, 100.0))[0]
+        text = getattr(im, "text", {}) or {}
+    min_pt = text.get("min_font_pt")
+    return round(dpi), float(min_pt) if min_pt is not None else None
 
 
 class Checker:
+    """1 つのブラウザーで、ページを開き、通信・エラーを記録し、ページの中の関数を呼びます。
+
+    表示の幅ごとに Playwright のコンテキストを作ります。fresh=True で開くと新しいコンテキスト
+    (キャッシュが空) で開くので、初回表示の重さを測れます。
+    """
+
     def __init__(self, browser: Browser, origin: str, html_dir: Path) -> None:
-        self.b = browser
+        self.browser = browser
         self.origin = origin
         self.html_dir = html_dir
         self.host = urlparse(origin).netloc
         self.problems: list[str] = []
-        self.requests: dict[str, dict] = {}
+        self.requests: list = []  # playwright の Request (開いたページで出たもの)
         self.errors: list[str] = []
         self.foreign: list[str] = []
-        self.inflight: set[str] = set()
-        self.loaded = False
-        browser.listeners.append(self.on_event)
-        for domain in ("Page", "Network", "Runtime", "Log"):
-            browser.call(f"{domain}.enable")
         self.page_js = (ROOT / ".ci" / "browser_page.js").read_text(encoding="utf-8")
-        browser.call("Page.addScriptToEvaluateOnNewDocument", {"source": self.page_js})
+        # axe-core は package-lock.json で固定した node_modules のものを使う (無ければ同梱版)
         axe = ROOT / "node_modules" / "axe-core" / "axe.min.js"
-        self.axe_js = axe.read_text(encoding="utf-8") if axe.exists() else None
+        self.axe_runner = Axe.from_file(axe) if axe.exists() else None
+        self.context = None
+        self.page: Page | None = None
+        self.size = (1280, 900, False)
+        self.viewport(1280, 900, mobile=False)
 
-    # ---- CDP のイベント
-    def on_event(self, msg: dict) -> None:
-        m, p = msg["method"], msg.get("params", {})
-        if m == "Network.requestWillBeSent":
-            url = p["request"]["url"]
-            if (
-                url.startswith(("http:", "https:", "ws:", "wss:"))
-                and urlparse(url).netloc != self.host
-            ):
-                self.foreign.append(url)
-            self.requests[p["requestId"]] = {"url": url, "bytes": 0}
-            self.inflight.add(p["requestId"])
-        elif m == "Network.loadingFinished":
-            if p["requestId"] in self.requests:
-                self.requests[p["requestId"]]["bytes"] = p["encodedDataLength"]
-            self.inflight.discard(p["requestId"])
-        elif m == "Network.responseReceived":
-            if p["response"]["status"] >= 400:
-                self.errors.append(f"HTTP {p['response']['status']}: {p['response']['url']}")
-        elif m == "Network.loadingFailed":
-            self.inflight.discard(p["requestId"])
-            if not p.get("canceled"):
-                url = self.requests.get(p["requestId"], {}).get("url", "?")
-                self.errors.append(f"読み込みの失敗 {p.get('errorText')}: {url}")
-        elif m == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert"):
-            args = " ".join(str(a.get("value", a.get("description", ""))) for a in p["args"])
-            self.errors.append(f"console.{p['type']}: {args[:200]}")
-        elif m == "Runtime.exceptionThrown":
-            d = p["exceptionDetails"]
-            self.errors.append(
-                f"例外: {(d.get('exception') or {}).get('description', d.get('text'))[:200]}"
-            )
-        elif m == "Log.entryAdded" and p["entry"]["level"] == "error":
-            self.errors.append(f"ログ: {p['entry']['text'][:200]} {p['entry'].get('url', '')}")
-        elif m == "Page.loadEventFired":
-            self.loaded = True
+    # ---- コンテキストと通信の記録
+    def _new_context(self) -> None:
+        if self.context is not None:
+            self.context.close()
+        width, height, mobile = self.size
+        self.context = self.browser.new_context(
+            viewport={"width": width, "height": height}, device_scale_factor=1,
+            is_mobile=mobile)
+        self.context.add_init_script(self.page_js)
+        page = self.context.new_page()
+        page.on("request", self._on_request)
+        page.on("response", self._on_response)
+        page.on("requestfailed", self._on_failed)
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda e: self.errors.append(f"例外: {str(e)[:200]}"))
+        self.page = page
+
+    def _on_request(self, request) -> None:
+        url = request.url
+        if url.startswith(("http:", "https:", "ws:", "wss:")) and urlparse(url).netloc != self.host:
+            self.foreign.append(url)
+        self.requests.append(request)
+
+    def _on_response(self, response) -> None:
+        if response.status >= 400:
+            self.errors.append(f"HTTP {response.status}: {response.url}")
+
+    def _on_failed(self, request) -> None:
+        failure = request.failure or ""
+        if "ERR_ABORTED" not in failure:  # 取り消し (ページの移動など) は失敗ではない
+            self.errors.append(f"読み込みの失敗 {failure}: {request.url}")
+
+    def _on_console(self, msg) -> None:
+        if msg.type in ("error", "assert"):
+            where = msg.location.get("url", "") if msg.location else ""
+            self.errors.append(f"console.{msg.type}: {msg.text[:200]} {where}".rstrip())
+
+    def transfers(self) -> list[dict]:
+        """開いてから転送した各リクエストの URL とバイト数 (ヘッダーを含む、圧縮したまま)。"""
+        out = []
+        for r in self.requests:
+            n = 0
+            if r.url.startswith(("http:", "https:")):
+                try:
+                    s = r.sizes()
+                    n = max(0, s["responseBodySize"]) + max(0, s["responseHeadersSize"])
+                except PlaywrightError:  # 終わらなかった・失敗したリクエスト
+                    n = 0
+            out.append({"url": r.url, "bytes": n})
+        return out
 
     # ---- 操作
     def viewport(self, width: int, height: int, mobile: bool) -> None:
-        self.b.call(
-            "Emulation.setDeviceMetricsOverride",
-            {
-                "width": width,
-                "height": height,
-                "deviceScaleFactor": 1,
-                "mobile": mobile,
-            },
-        )
+        old = self.size
+        self.size = (width, height, mobile)
+        if self.page is None or old[2] != mobile:
+            self._new_context()  # モバイルの表示はコンテキストの設定
+        else:
+            self.page.set_viewport_size({"width": width, "height": height})
 
-    def open(self, path: str, cache: bool = True) -> None:
-        self.b.call("Network.setCacheDisabled", {"cacheDisabled": not cache})
+    def eval(self, expression: str):
+        """ページで JavaScript の式を評価し、値 (JSON にできるもの) を返します。"""
+        return self.page.evaluate(expression)
+
+    def wait(self, seconds: float) -> None:
+        self.page.wait_for_timeout(seconds * 1000)
+
+    def wait_for(self, expression: str, timeout: float) -> bool:
+        try:
+            self.page.wait_for_function(expression, timeout=timeout * 1000, polling=50)
+            return True
+        except PlaywrightTimeout:
+            return False
+
+    def open(self, path: str, fresh: bool = False) -> None:
+        if fresh:
+            self._new_context()
         self.requests.clear()
-        self.inflight.clear()
         self.errors.clear()
-        self.loaded = False
-        self.b.call("Page.navigate", {"url": f"{self.origin}/{path}"})
-        if not self.b.wait_for(lambda: self.loaded, 30):
+        try:
+            self.page.goto(f"{self.origin}/{path}", wait_until="load", timeout=30_000)
+        except PlaywrightTimeout:
             self.problems.append(f"{path}: 30 秒で読み込みが終わりません")
-        # 遅れて読む部品 (MathJax のフォントなど) が落ち着くまで待つ
-        quiet_since = time.time()
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            self.b.pump(0.1)
-            if self.inflight:
-                quiet_since = time.time()
-            elif time.time() - quiet_since > 0.4:
-                break
-        self.b.eval(
+        # 遅れて読む部品 (MathJax のフォントなど) が落ち着くまで待つ (通信が 0.5 秒止まるまで)
+        try:
+            self.page.wait_for_load_state("networkidle", timeout=15_000)
+        except PlaywrightTimeout:
+            pass
+        self.eval(
             "window.MathJax && MathJax.startup && MathJax.startup.promise ? "
             "MathJax.startup.promise.then(() => true) : true"
         )
 
     def click(self, x: float, y: float) -> None:
-        for kind in ("mousePressed", "mouseReleased"):
-            self.b.call(
-                "Input.dispatchMouseEvent",
-                {
-                    "type": kind,
-                    "x": x,
-                    "y": y,
-                    "button": "left",
-                    "clickCount": 1,
-                },
-            )
+        self.page.mouse.click(x, y)
 
     def screenshot(self, name: str, out_dir: Path) -> None:
-        data = self.b.call("Page.captureScreenshot", {"format": "png"})["data"]
-        (out_dir / name).write_bytes(base64.b64decode(data))
+        self.page.screenshot(path=str(out_dir / name))
 
     # ---- 検査
     def axe(self) -> list[dict]:
-        if self.axe_js is None:
+        if self.axe_runner is None:
             self.problems.append("node_modules/axe-core がありません (npm ci を実行してください)")
             return []
-        self.b.eval(self.axe_js + ";true")
-        res = self.b.eval(
-            "axe.run(document, {resultTypes: ['violations']}).then(r => r.violations.map(v => "
-            "({id: v.id, impact: v.impact, n: v.nodes.length, "
-            "target: v.nodes.slice(0, 2).map(n => n.target.join(' ')).join(' | ')})))",
-            timeout=120,
-        )
-        return [v for v in res if v["impact"] in ("critical", "serious")]
+        res = self.axe_runner.run(self.page, options={"resultTypes": ["violations"]})
+        return [
+            {"id": v["id"], "impact": v["impact"], "n": len(v["nodes"]),
+             "target": " | ".join(" ".join(map(str, n["target"])) for n in v["nodes"][:2])}
+            for v in res.response["violations"]
+            if v["impact"] in ("critical", "serious")
+        ]
 
     def figures(self, page: str) -> None:
-        for fig in self.b.eval("__bookCheck.figures()"):
+        for fig in self.eval("__bookCheck.figures()"):
             where = f"{page}: 図 {fig['src']}"
             if fig.get("missing_glyphs"):
                 self.problems.append(
@@ -241,7 +257,7 @@ class Checker:
                 )
 
     def notebooks(self, page: str) -> None:
-        for nb in self.b.eval("__bookCheck.notebooks()"):
+        for nb in self.eval("__bookCheck.notebooks()"):
             if "error" in nb:
                 self.problems.append(f"{page}: {nb['href']} を読めません ({nb['error']})")
             elif (
@@ -259,16 +275,16 @@ class Checker:
         self.viewport(width, 844 if width < 600 else 900, mobile=width < 600)
         self.open(page)
         for kind, label in (("primary", "☰ (章の一覧)"), ("secondary", "目次")):
-            center = self.b.eval(f"__bookCheck.toggleCenter('{kind}')")
-            before = self.b.eval(f"__bookCheck.drawerState('{kind}')")
+            center = self.eval(f"__bookCheck.toggleCenter('{kind}')")
+            before = self.eval(f"__bookCheck.drawerState('{kind}')")
             if center is None:
-                has_toc = self.b.eval("!!document.querySelector('#pst-page-toc-nav a')")
+                has_toc = self.eval("!!document.querySelector('#pst-page-toc-nav a')")
                 if kind == "primary" or (width < 1200 and has_toc):
                     self.problems.append(f"{page} ({width} px): {label} のボタンが見えません")
                 continue
             self.click(center["x"], center["y"])
-            self.b.pump(0.4)
-            after = self.b.eval(f"__bookCheck.drawerState('{kind}')")
+            self.wait(0.4)
+            after = self.eval(f"__bookCheck.drawerState('{kind}')")
             if width < 992 or kind == "secondary":
                 ok = after["dialogOpen"] and after["visibleLinks"] > 0
             else:  # 広い画面の ☰ はサイドバーを畳む / 戻すボタン
@@ -277,18 +293,18 @@ class Checker:
                 self.problems.append(
                     f"{page} ({width} px): {label} のボタンを押しても引き出しが開きません"
                 )
-            self.b.eval("__bookCheck.closeDrawers(), true")
+            self.eval("__bookCheck.closeDrawers(), true")
             if width >= 992 and kind == "primary" and ok:
                 self.click(center["x"], center["y"])  # 畳んだサイドバーを戻す
-                self.b.pump(0.4)
+                self.wait(0.4)
 
     def search(self, texts: dict[str, str]) -> list[str]:
         lines = []
         for term in SEARCH_TERMS:
             self.open(f"search.html?q={quote(term)}")
-            if not self.b.wait_for(lambda: self.b.eval("__bookCheck.searchDone()"), 20):
+            if not self.wait_for("__bookCheck.searchDone()", 20):
                 self.problems.append(f"検索「{term}」: 20 秒で検索が終わりません")
-            results = self.b.eval("__bookCheck.searchResults()")
+            results = self.eval("__bookCheck.searchResults()")
             found = {r["href"] for r in results}
             expected = {p for p, t in texts.items() if term in t and p.startswith("book/")}
             missed = sorted(expected - found)
@@ -335,7 +351,7 @@ def main() -> int:
             f"{args.html_dir} にビルドした HTML がありません "
             "(先に jupyter-book build . を実行してください)"
         )
-    exe = shutil.which(args.chromium)
+    exe = find_chromium(args.chromium)
     if exe is None:
         ap.error(
             f"{args.chromium} がありません (Debian/Ubuntu: apt-get install chromium。"
@@ -343,24 +359,26 @@ def main() -> int:
         )
     start = time.time()
     server, port = serve(args.html_dir)
-    browser = Browser(exe)
+    pw = sync_playwright().start()
+    browser = launch(pw, exe)
     try:
         c = Checker(browser, f"http://127.0.0.1:{port}", args.html_dir)
         pages = args.pages or pages_of(args.html_dir)
         rows, texts = [], {}
         c.viewport(1280, 900, mobile=False)
         for page in pages:
-            c.open(page, cache=False)  # 初回表示の重さを測るためキャッシュを使わない
-            n_bytes = sum(r["bytes"] for r in c.requests.values())
-            n_req = len(c.requests)
-            fp = c.b.eval("__bookCheck.firstPaint()")
+            c.open(page, fresh=True)  # 初回表示の重さを測るため、キャッシュの空のコンテキストで
+            transfers = c.transfers()
+            n_bytes = sum(r["bytes"] for r in transfers)
+            n_req = len(transfers)
+            fp = c.eval("__bookCheck.firstPaint()")
             for e in c.errors:
                 c.problems.append(f"{page}: {e}")
             for url in c.foreign:
                 c.problems.append(f"{page}: 外部への通信 {url}")
             c.foreign.clear()
             if n_bytes > WEIGHT_BUDGET:
-                biggest = sorted(c.requests.values(), key=lambda r: -r["bytes"])[:3]
+                biggest = sorted(transfers, key=lambda r: -r["bytes"])[:3]
                 names = ", ".join(
                     f"{urlparse(r['url']).path.rsplit('/', 1)[-1]} {r['bytes'] // 1000} kB"
                     for r in biggest
@@ -370,19 +388,18 @@ def main() -> int:
                     f"上限 {WEIGHT_BUDGET / 1e6:.1f} MB を超えます "
                     f"(大きいもの: {names})"
                 )
-            text = c.b.eval("__bookCheck.mainText()")
+            text = c.eval("__bookCheck.mainText()")
             texts[page] = text
             if re.search(r"Glyph \d+.*missing", text):
                 c.problems.append(
                     f"{page}: 図に日本語の字形がありません (Glyph ... missing の警告)"
                 )
             # 遅れて読む数式も描いてから、図と axe を調べる
-            c.b.eval(
+            c.eval(
                 "window.__readerLoadMath ? (__readerLoadMath(), new Promise((ok) => {"
                 " const wait = () => window.MathJax && MathJax.startup && MathJax.startup.promise"
                 " ? MathJax.startup.promise.then(() => ok(true)) : setTimeout(wait, 50);"
-                " wait(); })) : true",
-                timeout=60,
+                " wait(); })) : true"
             )
             c.figures(page)
             c.notebooks(page)
@@ -411,32 +428,33 @@ def main() -> int:
                     c.screenshot(name, args.screenshots)
                     shots.append(name)
                     # 最初の図 (SVG の図解など) を画面の中央にしてもう 1 枚
-                    has_figure = c.b.eval(
+                    has_figure = c.eval(
                         "(() => { const i = document.querySelector('.bd-article img');"
                         " if (!i) return false; i.loading = 'eager';"
                         " i.scrollIntoView({block: 'center'}); return true; })()"
                     )
                     if has_figure:
-                        c.b.pump(0.8)
+                        c.wait(0.8)
                         name = f"{Path(page).stem}-figure-{width}.png"
                         c.screenshot(name, args.screenshots)
                         shots.append(name)
             if SOLUTION_PAGE in pages:
                 c.open(SOLUTION_PAGE)
-                opened = c.b.eval(
+                opened = c.eval(
                     "(() => { const d = document.querySelector("
                     "'details.dropdown, .admonition.dropdown');"
                     " if (!d) return false; if (d.tagName === 'DETAILS') d.open = true;"
                     " else d.querySelector('button, .toggle-button')?.click();"
                     " d.scrollIntoView(); return true; })()"
                 )
-                c.b.pump(0.5)
+                c.wait(0.5)
                 if opened:
                     name = f"{Path(SOLUTION_PAGE).stem}-solution-{width}.png"
                     c.screenshot(name, args.screenshots)
                     shots.append(name)
     finally:
         browser.close()
+        pw.stop()
         server.shutdown()
 
     print(f"{'ページ':<28} {'バイト':>10} {'リクエスト':>8} {'初回描画ms':>9} {'違反':>4}")
@@ -458,6 +476,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except CDPError as e:
+    except PlaywrightError as e:
         print(f"ブラウザーの操作に失敗しました: {e}", file=sys.stderr)
         sys.exit(1)

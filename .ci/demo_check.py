@@ -5,11 +5,15 @@
 - ページを開いただけでは、ランタイムもモデルも読まない (遅延読み込み)
 - 各デモの自己テスト ``window.torchbookDemoTests[名前]()`` を呼び、結果を ``CHECKS[名前]`` が
   PyTorch の答えや予算と比べる (デモを足すときは、照合の関数を書いて CHECKS に 1 行足す)
+- 速さの予算は表に出して追いますが、超えても CI は失敗にしません (計算機の負荷で遅くなるため)。
+  失敗にするのは予算の TIMING_HARD_FACTOR 倍を超えたときだけです。一致 (PyTorch との差、
+  予測のクラス) と大きさは、いつも失敗にします
 - デモを始めたときに加わる転送バイト数 (CI 用のテストの入力 ``*-tests.json`` は数えない)
 - file:// で開くと、見方の案内が 1 行出る
 - デモを使った後の画面の axe-core の critical / serious の違反
 - コンソールのエラー、127.0.0.1 以外への通信
 
+ブラウザーは Debian の chromium を Playwright で操作します (ブラウザーのダウンロードはしません)。
 表を表示し、問題があれば終了コード 1 を返します。章が書き出した重み (.pt) は
 ``--demo-dir`` (既定 ``_build/webdemo/``) から読みます。
 
@@ -23,7 +27,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -33,12 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from browser_check import Checker, pages_of, serve  # noqa: E402
-from cdp import Browser, CDPError  # noqa: E402
+from browser_check import Checker, find_chromium, launch, pages_of, serve  # noqa: E402
+from playwright.sync_api import Error as PlaywrightError  # noqa: E402
+from playwright.sync_api import sync_playwright  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ATTR = re.compile(r'data-demo="([a-z0-9-]+)"')
 MB = 1_000_000
+# 速さの予算を失敗にする倍率。2 コアを複数の作業で分け合う計算機では、ブラウザーの中の計算も
+# 負荷だけで数倍遅くなります (CI のビルドは負荷で 3.2 倍遅くなった)。10 倍はその幅の 3 倍で、
+# 負荷では届かず、毎回の再読み込みやバックエンドの取り違えのような 1 桁の後退だけが届きます。
+TIMING_HARD_FACTOR = 10.0
 
 
 @dataclass
@@ -50,6 +58,27 @@ class Row:
     value: str
     budget: str = ""
     ok: bool = True
+    timing: bool = False  # 速さの予算 (超えても、上限の内側なら表示だけ)
+    within_hard: bool = True  # 速さの予算の上限 (予算の TIMING_HARD_FACTOR 倍) の内側か
+
+    @property
+    def fails(self) -> bool:
+        """CI を失敗にするか: 一致と大きさは予算を外れたら、速さは上限を超えたら。"""
+        return not self.ok and (not self.timing or not self.within_hard)
+
+    @property
+    def mark(self) -> str:
+        if not self.budget:
+            return ""
+        if self.ok:
+            return "OK"
+        return "NG" if self.fails else "超過 (負荷でも起きるので表示だけ)"
+
+
+def timing_row(item: str, ms: float, budget_ms: float) -> Row:
+    """速さの行: 予算を超えたら「超過」、予算の TIMING_HARD_FACTOR 倍を超えたら失敗。"""
+    return Row("", item, f"{ms:.1f} ms", f"≤ {budget_ms:g} ms", ms <= budget_ms, timing=True,
+               within_hard=ms <= budget_ms * TIMING_HARD_FACTOR)
 
 
 @dataclass
@@ -119,13 +148,11 @@ def check_mnist(result: dict, ctx: Context) -> list[Row]:
             f"≤ {MNIST_INPUT_TOL:g}", input_diff <= MNIST_INPUT_TOL),
         Row("", "見本を欄に書き直したときの正解", f"{correct} / {len(digits)}",
             f"≥ {MNIST_MIN_ACCURACY:.0%}", correct >= MNIST_MIN_ACCURACY * len(digits)),
-        Row("", "書き終えてから棒の更新まで (中央値)", f"{statistics.median(ms):.1f} ms",
-            f"≤ {MNIST_LATENCY_MS:g} ms", statistics.median(ms) <= MNIST_LATENCY_MS),
+        timing_row("書き終えてから棒の更新まで (中央値)", statistics.median(ms), MNIST_LATENCY_MS),
         Row("", "同 (最大)", f"{max(ms):.1f} ms"),
     ]
     if stroke_ms is not None:
-        rows.append(Row("", "マウスで 1 本引いたとき", f"{stroke_ms:.1f} ms",
-                        f"≤ {MNIST_LATENCY_MS:g} ms", stroke_ms <= MNIST_LATENCY_MS))
+        rows.append(timing_row("マウスで 1 本引いたとき", stroke_ms, MNIST_LATENCY_MS))
     if "touch_ok" in ctx.extra:
         touch_ok = ctx.extra["touch_ok"]
         rows.append(Row("", "指 (タッチ) で書いて予測が出る", "はい" if touch_ok else "いいえ",
@@ -135,43 +162,47 @@ def check_mnist(result: dict, ctx: Context) -> list[Row]:
 
 
 def stroke_mnist(ctx: Context) -> None:
-    """本物のマウスの操作 (CDP) で「1」を 1 本引き、棒が変わるまでの時間をデモから読みます。
+    """本物のマウスの操作で「1」を 1 本引き、棒が変わるまでの時間をデモから読みます。
 
-    続けて同じ線を指 (タッチのイベント) で引き、予測が出ることを確かめます。
+    続けて同じ線を指 (タッチのイベント) で引き、予測が出ることを確かめます。Playwright には
+    タッチで線を引く操作が無い (tap だけ) ので、タッチは Playwright の CDP セッションで送ります。
     """
     c = ctx.checker
-    box = c.b.eval(
+    box = c.eval(
         "(() => { const c = document.querySelector('[data-demo=mnist] canvas');"
         " c.scrollIntoView({block: 'center'}); const r = c.getBoundingClientRect();"
         " return {x: r.left, y: r.top, w: r.width, h: r.height}; })()"
     )
     x = box["x"] + box["w"] * 0.5
     points = [(x, box["y"] + box["h"] * t) for t in (0.2, 0.35, 0.5, 0.65, 0.8)]
-    c.b.eval("delete document.querySelector('[data-demo=mnist]').dataset.latencyMs, true")
-    for kind, (px, py) in [("mousePressed", points[0]),
-                           *[("mouseMoved", p) for p in points[1:]],
-                           ("mouseReleased", points[-1])]:
-        c.b.call("Input.dispatchMouseEvent", {"type": kind, "x": px, "y": py,
-                                              "button": "left", "buttons": 1, "clickCount": 1})
-    c.b.wait_for(lambda: c.b.eval(
-        "document.querySelector('[data-demo=mnist]').dataset.latencyMs !== undefined"), 30)
-    ms = c.b.eval("document.querySelector('[data-demo=mnist]').dataset.latencyMs")
+    c.eval("delete document.querySelector('[data-demo=mnist]').dataset.latencyMs, true")
+    mouse = c.page.mouse
+    mouse.move(*points[0])
+    mouse.down()
+    for px, py in points[1:]:
+        mouse.move(px, py)
+    mouse.up()
+    latency = "document.querySelector('[data-demo=mnist]').dataset.latencyMs"
+    c.wait_for(f"{latency} !== undefined", 30)
+    ms = c.eval(latency)
     ctx.extra["stroke_ms"] = float(ms) if ms is not None else float("inf")
     # 指 (タッチ) でも書けること: 同じ線を touch のイベントで引く
-    c.b.eval("document.querySelector('[data-demo=mnist] button').click(), true")  # 消す
-    c.b.call("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 1})
+    c.eval("document.querySelector('[data-demo=mnist] button').click(), true")  # 消す
+    cdp = c.context.new_cdp_session(c.page)
+    cdp.send("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 1})
     try:
-        c.b.call("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [
             {"x": points[0][0], "y": points[0][1]}]})
         for px, py in points[1:]:
-            c.b.call("Input.dispatchTouchEvent", {"type": "touchMove",
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchMove",
                                                   "touchPoints": [{"x": px, "y": py}]})
-        c.b.call("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
-        ctx.extra["touch_ok"] = c.b.wait_for(lambda: c.b.eval(
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        ctx.extra["touch_ok"] = c.wait_for(
             "document.querySelector('[data-demo=mnist] .mnist-status').textContent"
-            ".startsWith('予測')"), 30)
+            ".startsWith('予測')", 30)
     finally:
-        c.b.call("Emulation.setTouchEmulationEnabled", {"enabled": False})
+        cdp.send("Emulation.setTouchEmulationEnabled", {"enabled": False})
+        cdp.detach()
 
 
 # ------------------------------------------------ 06 章: ブラウザーで生成する
@@ -190,8 +221,8 @@ def check_diffusion(result: dict, ctx: Context) -> list[Row]:
         rows += [
             Row("", f"DDIM {vec['steps']} ステップ ({s}) の画像の最大差", f"{diff:.2e}",
                 f"≤ {DIFFUSION_TOL:g}", diff <= DIFFUSION_TOL),
-            Row("", f"DDIM {vec['steps']} ステップで 1 枚 (最短、{s})", f"{got['ms']:.0f} ms",
-                f"≤ {DIFFUSION_MS:g} ms", got["ms"] <= DIFFUSION_MS),
+            timing_row(f"DDIM {vec['steps']} ステップで 1 枚 (最短、{s})", got["ms"],
+                       DIFFUSION_MS),
             Row("", f"同 (中央値、{s})", f"{got['median_ms']:.0f} ms"),
             Row("", f"同 (初回、{s})", f"{got['first_ms']:.0f} ms"),
         ]
@@ -228,7 +259,8 @@ def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
     problems: list[str] = []
     pages = demo_pages(html_dir)
     server, port = serve(html_dir)
-    browser = Browser(chromium)
+    pw = sync_playwright().start()
+    browser = launch(pw, chromium)
     try:
         c = Checker(browser, f"http://127.0.0.1:{port}", html_dir)
         c.viewport(1280, 900, mobile=False)
@@ -236,9 +268,10 @@ def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
             names = [n for n in names if not only or n in only]
             if not names:
                 continue
-            c.open(page, cache=False)
-            early = [r["url"] for r in c.requests.values() if is_demo_asset(r["url"])]
-            page_bytes = sum(r["bytes"] for r in c.requests.values())
+            c.open(page, fresh=True)  # キャッシュの空のコンテキストで
+            transfers = c.transfers()
+            early = [r["url"] for r in transfers if is_demo_asset(r["url"])]
+            page_bytes = sum(r["bytes"] for r in transfers)
             rows.append(Row(page, "ページを開いただけで読んだデモのファイル",
                             f"{len(early)} 個", "0 個", not early))
             rows.append(Row(page, "ページの初回表示 (デモの JS と CSS を含む)",
@@ -251,11 +284,11 @@ def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
                 ctx = Context(html_dir, demo_dir, c, page)
                 c.requests.clear()
                 start = time.time()
-                result = c.b.eval(f"window.torchbookDemoTests[{name!r}]()", timeout=600)
+                result = c.eval(f"window.torchbookDemoTests[{name!r}]()")
                 if interact is not None:  # 読み込みが済んだ後の、本物の入力での操作
                     interact(ctx)
-                c.b.pump(0.3)
-                added = sum(r["bytes"] for r in c.requests.values()
+                c.wait(0.3)
+                added = sum(r["bytes"] for r in c.transfers()
                             if is_demo_asset(r["url"]) and not r["url"].endswith("-tests.json"))
                 rows.append(Row(name, "デモを始めると加わる転送", f"{added / MB:.2f} MB"))
                 for row in check(result, ctx):
@@ -271,22 +304,21 @@ def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
             problems += [f"{page}: 外部への通信 {u}" for u in c.foreign]
             c.foreign.clear()
             # file:// では、見方の案内が出ること
-            browser.call("Page.navigate", {"url": (html_dir / page).resolve().as_uri()})
-            notice = ""
-            deadline = time.time() + 15
-            while time.time() < deadline and "http.server" not in notice:
-                browser.pump(0.2)
-                notice = browser.eval(
-                    "(document.querySelector('.torchbook-demo-file-notice') || {}).textContent"
-                    " || ''") or ""
+            c.page.goto((html_dir / page).resolve().as_uri(), wait_until="load")
+            notice_js = ("(document.querySelector('.torchbook-demo-file-notice') || {})"
+                         ".textContent || ''")
+            c.wait_for(f"({notice_js}).includes('http.server')", 15)
+            notice = c.eval(notice_js) or ""
             rows.append(Row(page, "file:// で開いたときの案内", "あり" if notice else "なし",
                             "あり", "http.server" in notice))
         problems += c.problems
     finally:
         browser.close()
+        pw.stop()
         server.shutdown()
-    problems += [f"{r.demo}: {r.item} が {r.value} です (予算 {r.budget})"
-                 for r in rows if not r.ok]
+    problems += [f"{r.demo}: {r.item} が {r.value} です (予算 {r.budget}"
+                 + (f"、上限はその {TIMING_HARD_FACTOR:g} 倍" if r.timing else "") + ")"
+                 for r in rows if r.fails]
     return rows, problems
 
 
@@ -304,7 +336,7 @@ def print_table(rows: list[Row]) -> None:
     cols = [max((text_width(getattr(r, k)) for r in rows), default=4)
             for k in ("demo", "item", "value", "budget")]
     for r in rows:
-        mark = "" if not r.budget else ("OK" if r.ok else "NG")
+        mark = r.mark
         print(f"{pad(r.demo, cols[0])}  {pad(r.item, cols[1])}  {pad(r.value, cols[2], True)}  "
               f"{pad(r.budget, cols[3])}  {mark}".rstrip())
 
@@ -320,7 +352,7 @@ def main() -> int:
     args = ap.parse_args()
     if not (args.html_dir / "_static" / "webdemo").is_dir():
         ap.error(f"{args.html_dir}/_static/webdemo がありません (先に本をビルドしてください)")
-    exe = shutil.which(args.chromium)
+    exe = find_chromium(args.chromium)
     if exe is None:
         ap.error(f"{args.chromium} がありません (Debian/Ubuntu: apt-get install chromium)")
     sys.path.insert(0, str(ROOT / "code"))
@@ -336,6 +368,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except CDPError as e:
+    except PlaywrightError as e:
         print(f"ブラウザーの操作に失敗しました: {e}", file=sys.stderr)
         sys.exit(1)

@@ -11,10 +11,18 @@ Jupyter Book が _static/ のファイルとして全ページに読み込みま
   - 検索の索引 (searchindex.js など) は検索ページだけで読む (テーマの「入力中に検索」は使わない)
   - 本文の画像は loading="lazy"、MathJax は数式が画面に近づいてから読む (初回表示を軽くする)
   - アクセシビリティ: 検索ボタンと折りたたみの英語のラベル、参考文献の一覧の role
+
+変更のない再ビルドを速くするため、HTML を直すのはそのビルドで書いたページだけです。
+アイコンのフォントとテーマの CSS の縮小は、サイトの HTML と JS の中身が前回と同じなら前回の
+結果を使います (記録は doctree のフォルダーの reader_fixes.json)。この拡張のコードを変えると
+環境の版 (env_version) が変わり、全ページを読み直して書き直します。
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from pathlib import Path
 
@@ -197,27 +205,127 @@ def subset_icon_fonts(outdir: Path) -> None:
     css_path.write_text(css, encoding="utf-8")
 
 
-def _finished(app: Sphinx, exception: Exception | None) -> None:
-    if exception is not None or app.builder.format != "html":
-        return
-    outdir = Path(app.outdir)
+def fix_pages(outdir: Path, pages: list[Path] | None = None) -> int:
+    """pages (省くとサイトのすべての HTML) を fix_html で直し、書き換えた数を返します。"""
     css = outdir / "_static" / "pygments.css"
     plain = plain_token_classes(css.read_text(encoding="utf-8")) if css.exists() else set()
-    for page in outdir.rglob("*.html"):
-        if "_static" in page.parts:
+    if pages is None:
+        pages = [p for p in outdir.rglob("*.html") if "_static" not in p.relative_to(outdir).parts]
+    changed = 0
+    for page in pages:
+        if not page.is_file():
             continue
         text = page.read_text(encoding="utf-8")
         fixed = fix_html(text, page.relative_to(outdir).as_posix() == "search.html", plain)
         if fixed != text:
             page.write_text(fixed, encoding="utf-8")
+            changed += 1
+    return changed
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _theme_css_files(outdir: Path) -> list[Path]:
+    static = outdir / "_static"
+    return sorted([*static.glob("*.css"), *static.glob("styles/*.css")])
+
+
+def _subset_fonts(outdir: Path) -> list[Path]:
+    return sorted((outdir / "_static" / "vendor" / "fontawesome" / "webfonts").glob(
+        "*.subset.woff"))
+
+
+def site_fingerprint(outdir: Path) -> str:
+    """アイコンと CSS の縮小の結果を決める入力 (HTML と JS の中身、元のフォント) の指紋。"""
+    h = hashlib.sha256()
+    files = [p for p in outdir.rglob("*.html") if "_static" not in p.relative_to(outdir).parts]
+    files += [p for p in (outdir / "_static").rglob("*.js") if "mathjax" not in p.parts]
+    files += (outdir / "_static" / "vendor" / "fontawesome" / "webfonts").glob("*.ttf")
+    for f in sorted(files):
+        h.update(f.relative_to(outdir).as_posix().encode() + b"\0" + _sha(f.read_bytes()).encode())
+    return h.hexdigest()
+
+
+def shrink_site(outdir: Path, state_path: Path) -> bool:
+    """アイコンのフォントを減らし、テーマの CSS から使わない規則を除きます。
+
+    入力 (site_fingerprint と各 CSS の中身) が前回と同じなら、前回の結果を書くだけにします
+    (Sphinx は再ビルドのたびに元の CSS を写し直すので、結果を記録しておく)。
+    縮小をやり直したら True を返します。
+    """
+    fingerprint = site_fingerprint(outdir)
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    css_now = {p.relative_to(outdir).as_posix(): p.read_text(encoding="utf-8")
+               for p in _theme_css_files(outdir)}
+    fonts_now = {p.name: _sha(p.read_bytes()) for p in _subset_fonts(outdir)}
+    saved = state.get("css", {})
+    reusable = (
+        state.get("fingerprint") == fingerprint
+        and state.get("fonts") == fonts_now
+        and set(saved) == set(css_now)
+        and all(_sha(text.encode()) in (saved[rel]["in"], _sha(saved[rel]["out"].encode()))
+                for rel, text in css_now.items())
+    )
+    if reusable:
+        for rel, text in css_now.items():
+            if text != saved[rel]["out"]:
+                (outdir / rel).write_text(saved[rel]["out"], encoding="utf-8")
+        return False
     subset_icon_fonts(outdir)
     purge_theme_css(outdir)
+    state = {
+        "fingerprint": fingerprint,
+        "fonts": {p.name: _sha(p.read_bytes()) for p in _subset_fonts(outdir)},
+        "css": {rel: {"in": _sha(text.encode()),
+                      "out": (outdir / rel).read_text(encoding="utf-8")}
+                for rel, text in css_now.items()},
+    }
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_name(state_path.name + ".tmp")
+    tmp.write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, state_path)
+    return True
+
+
+def _page_written(app: Sphinx, pagename: str, templatename: str, context: dict,
+                  doctree: object) -> None:
+    written = getattr(app, "_reader_fixes_written", None)
+    if written is not None:
+        written.add(pagename)
+
+
+def _builder_inited(app: Sphinx) -> None:
+    # 並列に書くときは、書いたページがこのプロセスで分からないので、すべてのページを直す
+    app._reader_fixes_written = set() if app.parallel <= 1 else None
+
+
+def _finished(app: Sphinx, exception: Exception | None) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    outdir = Path(app.outdir)
+    written = getattr(app, "_reader_fixes_written", None)
+    pages = None
+    if written is not None:
+        pages = [Path(app.builder.get_outfilename(name)) for name in sorted(written)]
+    fix_pages(outdir, pages)
+    shrink_site(outdir, Path(app.doctreedir) / "reader_fixes.json")
+
+
+# この拡張のコードが変われば環境の版も変わり、全ページを書き直す (前の版で直したページを残さない)
+ENV_VERSION = int(_sha(Path(__file__).read_bytes())[:8], 16)
 
 
 def setup(app: Sphinx) -> dict:
     app.connect("config-inited", _config)
+    app.connect("builder-inited", _builder_inited)
+    app.connect("html-page-context", _page_written, priority=900)
     app.connect("build-finished", _finished, priority=900)
-    return {"parallel_read_safe": True, "parallel_write_safe": True}
+    return {"parallel_read_safe": True, "parallel_write_safe": True, "env_version": ENV_VERSION}
 
 
 FUNCTIONAL_PSEUDO = re.compile(r":(?:not|is|where|has)\([^()]*\)")

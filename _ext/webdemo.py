@@ -15,6 +15,7 @@ onnxruntime-web が無ければ、ビルドの初めに 1 行で止まります 
 
 from __future__ import annotations
 
+import filecmp
 import os
 import re
 import shutil
@@ -56,17 +57,28 @@ def copy_assets(dist: Path, source: Path, static_out: Path) -> list[Path]:
     missing = missing_runtime(dist)
     if missing:
         raise ExtensionError(runtime_message(missing))
-    # copyfile: 写したファイルの権限は umask どおり (書き出しの一時ファイルの 0600 を引き継がない)
     out = static_out / "webdemo"
     (out / "ort").mkdir(parents=True, exist_ok=True)
     copied = []
     for name in RUNTIME_FILES:
-        copied.append(Path(shutil.copyfile(dist / name, out / "ort" / name)))
+        copied.append(copy_if_changed(dist / name, out / "ort" / name))
     if source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and f.suffix in PUBLISHED and not f.name.startswith("."):
-                copied.append(Path(shutil.copyfile(f, out / f.name)))
+                copied.append(copy_if_changed(f, out / f.name))
     return copied
+
+
+def copy_if_changed(src: Path, dest: Path) -> Path:
+    """src を dest へ写します。中身が同じなら写しません (変更のない再ビルドを速くする)。
+
+    copyfile なので、写したファイルの権限は umask どおりです (書き出しの一時ファイルの 0600 を
+    引き継がない)。
+    """
+    if dest.is_file() and dest.stat().st_size == src.stat().st_size and filecmp.cmp(
+            src, dest, shallow=False):
+        return dest
+    return Path(shutil.copyfile(src, dest))
 
 
 def runtime_message(missing: list[str]) -> str:

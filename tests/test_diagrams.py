@@ -51,6 +51,7 @@ def test_box_is_wide_enough_for_japanese_label():
     assert max(xs) - min(xs) >= 12 * 12
 
 
+@pytest.mark.slow
 def test_missing_glyph_is_an_error():
     """booktools.plotting を import したカーネルでは、豆腐になる文字を描くとエラーになる。"""
     code = (
@@ -65,6 +66,7 @@ def test_missing_glyph_is_an_error():
     assert "UserWarning: Glyph" in proc.stderr and "missing from font" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("jupyter-book") is None, reason="jupyter-book が入っていません")
 def test_build_warns_when_a_figure_has_tofu(tmp_path):
     """セルの出力に matplotlib の豆腐の警告が残れば、ビルドの警告になる (_ext/figures.py)。"""

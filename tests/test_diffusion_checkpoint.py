@@ -24,6 +24,7 @@ class _Ema:
         self.model, self.step = model, 3
 
 
+@pytest.mark.slow
 def test_round_trip_and_wrong_architecture(tmp_path):
     model = tiny_unet()
     path = tmp_path / "ema.pt"

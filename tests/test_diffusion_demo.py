@@ -39,6 +39,7 @@ def test_metadata_equals_schedule(model_and_meta, tmp_path):
     assert meta["shape"] == [1, 32, 32]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [0.0, 1.0, 1.5])
 def test_reference_loop_equals_sample(model_and_meta, guidance):
     model, sched, meta = model_and_meta
@@ -55,6 +56,7 @@ def test_reference_loop_equals_sample(model_and_meta, guidance):
     assert ref.std() > 0.05  # 比べる画像が一様ではない
 
 
+@pytest.mark.slow
 def test_reference_loop_eta_uses_given_noise(model_and_meta):
     """η > 0 では、与えたノイズで sample と同じ (sample は x_T の後に同じ生成器で引く)。"""
     model, sched, meta = model_and_meta
@@ -71,6 +73,7 @@ def test_reference_loop_eta_uses_given_noise(model_and_meta):
     assert np.abs(out - eta0).max() > 1e-2  # ノイズが実際に効いている
 
 
+@pytest.mark.slow
 def test_vectors_are_sample_outputs(model_and_meta):
     model, sched, _ = model_and_meta
     vec = diffusion_demo.make_test_vectors(model, sched, label=7, seed=11, steps=10)
@@ -85,6 +88,7 @@ def test_vectors_are_sample_outputs(model_and_meta):
     assert (a - b).abs().max() > 1e-3  # guidance を変えると画像が変わる
 
 
+@pytest.mark.slow
 def test_export_demo_writes_a_verified_small_model(model_and_meta, tmp_path):
     model, sched, _ = model_and_meta
     r = diffusion_demo.export_demo(model, sched, "cosine", tmp_path, label=1, seed=0)

@@ -171,6 +171,7 @@ def test_shapes_of_logits_and_features():
     assert not feats.requires_grad
 
 
+@pytest.mark.slow
 def test_shipped_classifier_is_accurate_on_test_images(test_images):
     x, y = test_images[0][:1000], test_images[1][:1000]
     model = load_classifier()
@@ -180,6 +181,7 @@ def test_shipped_classifier_is_accurate_on_test_images(test_images):
     assert metrics.classifier_accuracy(model, x, shuffled) < 0.3  # ラベルが違えば低い
 
 
+@pytest.mark.slow
 def test_shipped_classifier_separates_real_from_noise(test_images):
     x, y = test_images
     model = load_classifier()

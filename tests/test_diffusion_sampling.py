@@ -59,6 +59,7 @@ def test_ddim_timesteps_errors():
         ddim_timesteps(1000, 10, "uniform")
 
 
+@pytest.mark.slow
 def test_samplers_deterministic_under_seed():
     model = tiny_unet()
     s = NoiseSchedule.from_name("cosine", T=100)

@@ -111,6 +111,7 @@ def test_sample_mixture_statistics(mix):
     assert (x.abs() > 1).any(1).double().mean() < 1e-3  # ほぼすべて画像と同じ [-1, 1] の中
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [{}, {"eta": 0.0}, {"method": "ddpm"}])
 def test_sampler_with_ideal_eps_reproduces_the_mixture(mix, sched, kw):
     # 画像と同じ sample() に理想の ε* を入れると、混合の分布がそのまま出てくる
@@ -121,6 +122,7 @@ def test_sampler_with_ideal_eps_reproduces_the_mixture(mix, sched, kw):
     assert near > 0.95
 
 
+@pytest.mark.slow
 def test_trained_model_beats_baseline_and_approaches_ideal(mix, sched, trained):
     g = torch.Generator().manual_seed(7)
     x0, comp = toy.sample_mixture(mix, 20000, g)
@@ -137,6 +139,7 @@ def test_trained_model_beats_baseline_and_approaches_ideal(mix, sched, trained):
     assert err < 0.1 * ref
 
 
+@pytest.mark.slow
 def test_sampler_on_trained_model_matches_mixture(mix, sched, trained):
     x = sampling.sample(trained, sched, 1000, method="ddpm", seed=0)
     mass, near = component_mass(mix, x)
@@ -147,6 +150,7 @@ def test_sampler_on_trained_model_matches_mixture(mix, sched, trained):
     assert spread == pytest.approx(mix.std * (torch.pi / 2) ** 0.5, rel=0.15)
 
 
+@pytest.mark.slow
 def test_guidance_selects_the_class(mix, sched, trained):
     y = torch.zeros(1000, dtype=torch.long)
     in_class = mix.labels == 0

@@ -17,6 +17,7 @@ from torchbook.diffusion.training import EMA
 from torchbook.diffusion.unet import UNet
 
 
+@pytest.mark.slow
 def test_tiny_training_lowers_loss():
     torch.manual_seed(0)
     model = UNet(channels=(16, 32)).train()
@@ -82,6 +83,7 @@ def _weights(path):
     return model.state_dict()
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run_past_warmup(tmp_path, monkeypatch):
     """ウォームアップ (1 ステップ) の後で止めて再開しても、止めなかった学習と同じ重みになる。"""
     common = [*_common(tmp_path), "--warmup", "1", "--save-every", "100"]
@@ -145,6 +147,7 @@ def test_resume_with_an_unreadable_checkpoint_says_so_in_one_line(tmp_path, caps
     assert e.value.code == 2 and "last.pt" in err[-1] and "読めません" in err[-1]
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
     common = _common(tmp_path)
     train.main([*common, "--steps", "1"])
@@ -172,6 +175,7 @@ def test_export_never_replaces_an_unrelated_json(tmp_path, capsys):
     assert json.loads(notes.read_text()) == {"my": "notes"}
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_state(tmp_path, monkeypatch, capsys):
     common = _common(tmp_path)
     with monkeypatch.context() as m:

@@ -44,6 +44,7 @@ def run_mnist(launcher: list[str], args: list[str], cwd: Path,
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
     """2 プロセス × バッチ 8 の DDP は、1 プロセス × バッチ 16 と同じ重みになる。"""
     datadir = write_tiny_mnist(tmp_path / "d", n_train=64, n_test=16)
@@ -66,6 +67,7 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     assert any(not torch.allclose(a[k], start[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", list(mnist.MODELS))
 def test_ddp_trains_every_model_past_epoch_one(tmp_path: Path, model: str) -> None:
     """BatchNorm のある FastNet でも、2 エポック目で止まらない (rank 0 は DDP の外で評価する)。"""

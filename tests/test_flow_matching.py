@@ -144,6 +144,7 @@ def _common(out) -> list[str]:
             "--device", "cpu", "--objective", "flow", "--no-bf16"]
 
 
+@pytest.mark.slow
 def test_flow_training_exports_a_flow_checkpoint_with_previews(tmp_path):
     train.main([*_common(tmp_path), "--steps", "4", "--export", str(tmp_path / "ema.pt")])
     model, sched, ckpt = load_checkpoint(tmp_path / "ema.pt")
@@ -160,6 +161,7 @@ def test_flow_training_exports_a_flow_checkpoint_with_previews(tmp_path):
     assert out.shape == (2, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_objective(tmp_path, capsys):
     train.main([*_common(tmp_path), "--steps", "2"])
     assert objective_of(read_diffusion(tmp_path / "last.pt")) == "flow"

@@ -516,6 +516,7 @@ def test_file_size_limit_is_reported_in_one_line(tmp_path: Path, tiny: Path) -> 
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_keeps_a_resumable_checkpoint(tmp_path: Path) -> None:
     datadir = write_tiny_mnist(tmp_path / "d", n_train=256, n_test=16)
     ckpt = tmp_path / "m.pt"
@@ -550,6 +551,7 @@ def test_progress_bar_only_in_a_terminal(capsys) -> None:
     assert "tqdm.auto" not in MODULE.read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_copied_module_runs_alone(tmp_path: Path, tiny: Path) -> None:
     """mnist.py だけを空のフォルダーにコピーして --help と --dry-run が動くこと。"""
     shutil.copy(MODULE, tmp_path / "mnist.py")

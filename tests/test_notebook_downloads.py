@@ -83,6 +83,7 @@ def book(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_download_keeps_outputs_after_cached_rebuild(book: Path) -> None:
     build(book)
     ipynb = book / "_build" / "html" / "_sources" / "calc.ipynb"
@@ -102,6 +103,7 @@ def test_download_keeps_outputs_after_cached_rebuild(book: Path) -> None:
     assert not (book / "_build" / "html" / "_sources" / "plain.ipynb").exists()
 
 
+@pytest.mark.slow
 def test_repository_from_environment(book: Path) -> None:
     build(book, repo="someone/torchbook")
     html = (book / "_build" / "html" / "calc.html").read_text(encoding="utf-8")

@@ -66,6 +66,7 @@ def test_cells_take_the_best_val_setting_within_each_budget(tmp_path):
     assert [r["cells"][10]["fid"] for r in guided] == [1.0]
 
 
+@pytest.mark.slow
 def test_benchmark_prints_the_table_from_the_shipped_json():
     r = subprocess.run([sys.executable, "benchmarks/diffusion_bench.py", "--fid-nfe"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -17,7 +17,7 @@ spec = importlib.util.spec_from_file_location(
 status = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(status)
 
-TEST_ONLY = {"pytest", "ruff", "diffusers"}
+TEST_ONLY = {"pytest", "ruff", "diffusers", "playwright", "axe-playwright-python", "pillow"}
 
 
 def names(lines: list[str]) -> set[str]:
@@ -68,6 +68,7 @@ def test_editable_install_must_come_from_this_checkout(tmp_path, monkeypatch):
         assert status.editable_from("torchbook", repo) is expected
 
 
+@pytest.mark.slow
 def test_status_cli_exit_codes(tmp_path):
     (tmp_path / "ok.txt").write_text("pytest>=1\n")
     run = [sys.executable, str(ROOT / "scripts" / "requirements_status.py")]
@@ -80,6 +81,7 @@ def test_status_cli_exit_codes(tmp_path):
     assert result.returncode == 1 and "torchbook-no-such-package" in result.stdout
 
 
+@pytest.mark.slow
 def test_commands_of_packages_seen_through_system_site_packages_are_linked(tmp_path):
     """venv の bin にない要件のコマンドを作り、それが venv の Python で動くこと。"""
     made = status.link_scripts(["pytest>=7", "torchbook-no-such-package"], tmp_path)

@@ -32,6 +32,7 @@ def tiny_model() -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_export_writes_one_self_contained_file_that_matches_pytorch(tmp_path):
     model = tiny_model()
     path = webdemo.export_onnx(model, (torch.randn(1, 1, 6, 6),), tmp_path / "m.onnx",
@@ -54,6 +55,7 @@ def test_exported_files_follow_the_umask(tmp_path):
     assert [p.stat().st_mode & 0o777 for p in written] == [0o644] * 3
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_graph_that_differs_from_the_model(tmp_path):
     model = tiny_model()
     path = webdemo.export_onnx(model, (torch.randn(1, 1, 6, 6),), tmp_path / "m.onnx",
@@ -64,6 +66,7 @@ def test_verify_refuses_a_graph_that_differs_from_the_model(tmp_path):
         webdemo.verify_onnx(path, model, (torch.randn(1, 1, 6, 6),))
 
 
+@pytest.mark.slow
 def test_failed_export_leaves_no_file(tmp_path):
     class Broken(torch.nn.Module):
         def forward(self, x):
