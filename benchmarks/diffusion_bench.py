@@ -39,9 +39,9 @@ from booktools.sampler_table import (
 from torchbook.diffusion.checkpoint import DEFAULT_CHECKPOINT, WEIGHTS_DIR, load_checkpoint
 from torchbook.diffusion.device import bf16_supported
 from torchbook.diffusion.evaluate import parse_task
+from torchbook.diffusion.losses import training_loss
 from torchbook.diffusion.sampling import sample
 from torchbook.diffusion.schedule import NoiseSchedule
-from torchbook.diffusion.train import training_loss
 from torchbook.diffusion.unet import UNet, timestep_embedding
 
 ARTICLE = "入門記事のモデル"

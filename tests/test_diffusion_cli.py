@@ -18,7 +18,7 @@ from diffusion_fixtures import SRC, WEIGHTS, fashion_root, run_module
 from torchbook.diffusion import classifier, evaluate, options, sample, train
 
 LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
-           "toy", "losses"}
+           "toy", "losses", "algorithms"}
 CLIS = {"train", "sample", "evaluate", "classifier"}
 
 

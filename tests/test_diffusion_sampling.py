@@ -97,7 +97,10 @@ def test_sample_function_and_cli_share_their_defaults():
     sig = inspect.signature(sample).parameters
     args = sample_cli.parse_args(["--dry-run"])
     for param, option, const in [("eta", "eta", "DEFAULT_ETA"), ("steps", "steps", "DEFAULT_STEPS"),
-                                 ("method", "method", "DEFAULT_METHOD"),
                                  ("spacing", "spacing", "DEFAULT_SPACING"),
                                  ("guidance_scale", "guidance", "DEFAULT_GUIDANCE")]:
         assert sig[param].default == getattr(args, option) == getattr(sampling, const), param
+    # サンプラーの既定はモデルの種類で決まる: 関数も CLI も同じ default_method
+    assert sig["method"].default is None and sample_cli.parse_args(["--dry-run"]).method == (
+        sampling.DEFAULT_METHOD)
+    assert sample_cli.parse_args(["--dry-run", "--method", "euler"]).method == "euler"

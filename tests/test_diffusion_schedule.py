@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from torchbook.diffusion.sampling import ddpm_step
+from torchbook.diffusion.algorithms import ddpm_step
 from torchbook.diffusion.schedule import NoiseSchedule, cosine_betas, linear_betas
 
 

@@ -36,6 +36,7 @@ class IdealDenoiser(torch.nn.Module):
         self.mix, self.sched = mix, sched
         self.sample_shape = (2,)
         self.null_class = mix.num_classes
+        self.objective = "eps"
 
     def forward(self, x, t, y=None):
         if y is not None and (y == self.null_class).all():
@@ -164,8 +165,8 @@ def test_guidance_selects_the_class(mix, sched, trained):
 
 def test_trajectory_and_shape_checks_for_2d(mix, sched):
     model = IdealDenoiser(mix, sched)
-    x, traj = sampling.sample(model, sched, 50, method="ddim", steps=10, eta=0.0,
-                              trajectory_every=5)
+    x, traj = sampling.sample_trajectory(model, sched, 50, every=5, method="ddim", steps=10,
+                                         eta=0.0)
     assert [t for t, _ in traj] == [1000, 500, 0]
     assert all(p.shape == (50, 2) for _, p in traj)
     torch.testing.assert_close(traj[-1][1], x)

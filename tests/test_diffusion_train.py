@@ -10,8 +10,9 @@ from diffusion_fixtures import fashion_root, tiny_unet
 
 from torchbook.diffusion import train
 from torchbook.diffusion.checkpoint import load_checkpoint, read_diffusion
+from torchbook.diffusion.losses import training_loss
 from torchbook.diffusion.schedule import NoiseSchedule
-from torchbook.diffusion.train import EMA, training_loss
+from torchbook.diffusion.train import EMA
 from torchbook.diffusion.unet import UNet
 
 
@@ -113,18 +114,18 @@ def test_export_never_replaces_an_unrelated_json(tmp_path, capsys):
 def test_ctrl_c_saves_a_resumable_state(tmp_path, monkeypatch, capsys):
     common = _common(tmp_path)
     calls = {"n": 0}
-    real_loss = train.training_loss
+    real_step = train.ddpm_train_step
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
+        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "training_loss", interrupted)
+    monkeypatch.setattr(train, "ddpm_train_step", interrupted)
     with pytest.raises(SystemExit) as e:
         train.main([*common, "--steps", "5", "--save-every", "100"])
     assert e.value.code == 130 and "--resume" in capsys.readouterr().out
     assert read_diffusion(tmp_path / "last.pt")["step"] == 2  # 終えた 2 ステップは残る
-    monkeypatch.setattr(train, "training_loss", real_loss)
+    monkeypatch.setattr(train, "ddpm_train_step", real_step)
     assert train.main([*common, "--steps", "5", "--resume"])["step"] == 5

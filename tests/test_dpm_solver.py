@@ -17,6 +17,7 @@ from torchbook.diffusion.sampling import (
     dpm_solver_pp_2m_step,
     nfe,
     sample,
+    sample_trajectory,
 )
 from torchbook.diffusion.schedule import NoiseSchedule
 
@@ -33,6 +34,7 @@ class LinearEps(nn.Module):
 
     in_channels, image_size, null_class = 1, SIZE, NULL
     sample_shape = (1, SIZE, SIZE)
+    objective = "eps"
 
     def __init__(self, sched: NoiseSchedule) -> None:
         super().__init__()
@@ -96,8 +98,8 @@ def test_dpm_solver_matches_diffusers_step_by_step(steps, clip, guidance):
     times, ref = run_diffusers(diffusers_dpm(sched, clip), model, x_T, steps, y, s)
     # 時刻: diffusers の trailing と本書の ddim_timesteps は同じ番号 (0..T-1) を返す
     assert times == ddim_timesteps(sched.T, steps, "trailing")
-    _, traj = sample(model, sched, len(x_T), y=y, guidance_scale=s, method="dpm++2m",
-                     steps=steps, x_T=x_T, clip=clip, trajectory_every=1)
+    _, traj = sample_trajectory(model, sched, len(x_T), y=y, guidance_scale=s,
+                                method="dpm++2m", steps=steps, x_T=x_T, clip=clip)
     ours = [x for _, x in traj[1:]]
     assert len(ours) == len(ref) == steps
     for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
@@ -155,5 +157,5 @@ def test_dpm_solver_refuses_flow_and_runs_from_seed():
     model = LinearEps(sched)
     a = sample(model, sched, 2, method="dpm++2m", steps=4, seed=3)
     torch.testing.assert_close(a, sample(model, sched, 2, method="dpm++2m", steps=4, seed=3))
-    with pytest.raises(ValueError, match="dpm"):
+    with pytest.raises(ValueError, match="ノイズスケジュール"):
         sample(model, None, 2, method="dpm++2m", steps=4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusion_fixtures import fashion_root, tiny_unet
 
-from torchbook.diffusion import sampling, train
+from torchbook.diffusion import losses, sampling, train
 from torchbook.diffusion.checkpoint import (
     FLOW_KIND,
     load_checkpoint,
@@ -21,6 +21,7 @@ class _Velocity(torch.nn.Module):
 
     in_channels, image_size, null_class = 1, 32, 10
     sample_shape = (1, 32, 32)
+    objective = "flow"
 
     def __init__(self, c: float) -> None:
         super().__init__()
@@ -75,18 +76,43 @@ def test_flow_methods_and_models_must_match():
     sched = NoiseSchedule.from_name("cosine", 10)
     with pytest.raises(ValueError, match="euler"):
         sampling.sample(tiny_unet(), sched, 1, method="euler", steps=2)
-    with pytest.raises(ValueError, match="ddim"):
+    with pytest.raises(ValueError, match="ノイズスケジュール"):
         sampling.sample(tiny_unet(), None, 1, method="ddim", steps=2)
+
+
+def test_the_model_decides_its_sampler():
+    """サンプラーはモデルの objective で決まり、合わない組み合わせは 1 行の ValueError。"""
+    sched = NoiseSchedule.from_name("cosine", 10)
+    flow_model, ddpm_model = tiny_unet(), tiny_unet()
+    flow_model.objective = "flow"
+    with pytest.raises(ValueError, match="objective='flow'") as e:  # 以前は DDIM の画像を返した
+        sampling.sample(flow_model, sched, 1, method="ddim", steps=2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="objective='flow'.*sched=None"):
+        sampling.sample(flow_model, sched, 1, method="heun", steps=2)
+    with pytest.raises(ValueError, match="objective='eps'") as e:  # 以前はオイラー法で解いた
+        sampling.sample(ddpm_model, None, 1, method="euler", steps=2)
+    assert "\n" not in str(e.value)
+    # 既定のサンプラーはモデルで決まる: フローなら DEFAULT_FLOW_METHOD (以前は DDIM で失敗)
+    x = sampling.sample(flow_model, None, 2, steps=3, seed=1)
+    want = sampling.sample(flow_model, None, 2, steps=3, seed=1,
+                           method=sampling.DEFAULT_FLOW_METHOD)
+    torch.testing.assert_close(x, want)
+    assert x.shape == (2, 1, 32, 32)
+    assert sampling.default_method("eps") == sampling.DEFAULT_METHOD
+    bare = torch.nn.Linear(2, 2)  # objective を持たないモデルは推測せずに止める
+    with pytest.raises(ValueError, match="model.objective"):
+        sampling.sample(bare, sched, 1)
 
 
 def test_flow_loss_targets_the_velocity():
     # モデルが正しい速度 ε - x_0 を返せば損失は 0 になる (x_0 がすべて 0 なら v = x_t / t)
     model = _Velocity(0.0)
     x0 = torch.zeros(16, 1, 32, 32)
-    loss = train.flow_matching_loss(model, x0, torch.zeros(16, dtype=torch.long), 0.0,
+    loss = losses.flow_matching_loss(model, x0, torch.zeros(16, dtype=torch.long), 0.0,
                                     torch.Generator().manual_seed(0))
     assert loss.item() < 1e-10
-    loss_wrong = train.flow_matching_loss(_Velocity(0.5), x0, torch.zeros(16, dtype=torch.long),
+    loss_wrong = losses.flow_matching_loss(_Velocity(0.5), x0, torch.zeros(16, dtype=torch.long),
                                           0.0, torch.Generator().manual_seed(0))
     assert loss_wrong.item() > 0.1
 
@@ -101,14 +127,14 @@ def test_logit_normal_time_sampling_favours_the_middle():
 
     x0 = torch.zeros(4000, 1, 2, 2)
     for mode in ["uniform", "logit-normal"]:
-        train.flow_matching_loss(Recording(0.0), x0, torch.zeros(4000, dtype=torch.long), 0.0,
+        losses.flow_matching_loss(Recording(0.0), x0, torch.zeros(4000, dtype=torch.long), 0.0,
                                  torch.Generator().manual_seed(0), mode)
     uniform, logit = seen
     middle = lambda t: ((t > 0.25) & (t < 0.75)).float().mean().item()  # noqa: E731
     assert middle(uniform) == pytest.approx(0.5, abs=0.03)
     assert middle(logit) > 0.6  # sigmoid(N(0,1)) の中ほど: P(|z| < log 3) ≈ 0.73
     with pytest.raises(ValueError, match="time_sampling"):
-        train.flow_matching_loss(Recording(0.0), x0, torch.zeros(4000, dtype=torch.long), 0.0,
+        losses.flow_matching_loss(Recording(0.0), x0, torch.zeros(4000, dtype=torch.long), 0.0,
                                  None, "cosine")
 
 

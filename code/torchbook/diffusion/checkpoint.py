@@ -134,11 +134,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     channels_last: bool = False) -> tuple[UNet, NoiseSchedule | None, dict]:
     """チェックポイントから EMA の UNet (評価モード) とスケジュールを作って返します。
 
-    フローマッチングのモデル (``objective_of(ckpt) == "flow"``) にはノイズスケジュールが
-    ないので、スケジュールは None です (サンプラーはそれを見て解き方を選びます)。
+    UNet の ``objective`` はチェックポイントの種類から決まります ("eps" か "flow")。
+    フローマッチングのモデルにはノイズスケジュールがないので、スケジュールは None です。
     """
     ckpt = read_diffusion(path)
-    model = UNet(**ckpt["unet"])
+    model = UNet(**ckpt["unet"], objective=objective_of(ckpt))
     try:
         model.load_state_dict(ckpt["ema"])
     except RuntimeError as e:

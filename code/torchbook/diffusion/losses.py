@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sampling import FLOW_TIME_SCALE
 from .schedule import NoiseSchedule
+
+FLOW_TIME_SCALE = 1000.0  # フローの時刻 t ∈ [0, 1] を UNet には 1000·t として渡す
 
 
 def training_loss(model: nn.Module, sched: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor,

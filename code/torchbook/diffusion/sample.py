@@ -34,12 +34,14 @@ from .checkpoint import (
 from .device import fast_formats, get_device
 from .sampling import (
     DEFAULT_ETA,
+    DEFAULT_FLOW_METHOD,
     DEFAULT_GUIDANCE,
     DEFAULT_METHOD,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
     EPS_METHODS,
     FLOW_METHODS,
+    default_method,
     sample,
 )
 from .schedule import NoiseSchedule
@@ -51,9 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--out", default="samples.png", help="書き出す画像 (.png / .jpg)")
     p.add_argument("-n", type=options.positive_int, default=64, help="生成する枚数")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=[*EPS_METHODS, *FLOW_METHODS],
-                   help="DDPM には ddim・ddpm・dpm++2m (DPM-Solver++ 2M)、"
-                   "フローマッチングには euler・heun")
+    p.add_argument("--method", default=None, choices=[*EPS_METHODS, *FLOW_METHODS],
+                   help="DDPM には ddim・ddpm・dpm++2m (DPM-Solver++ 2M)、フローマッチングには "
+                   f"euler・heun (省くとチェックポイントの種類で {DEFAULT_METHOD} か "
+                   f"{DEFAULT_FLOW_METHOD})")
     p.add_argument("--steps", type=options.positive_int, default=DEFAULT_STEPS,
                    help="ステップ数 (ddpm では使いません)")
     p.add_argument("--eta", type=options.nonneg_float, default=DEFAULT_ETA,
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.label is not None and not 0 <= args.label <= 9:
         p.error(f"--class は 0〜9 にしてください (受け取ったのは {args.label})")
     if args.dry_run:
+        objective = "flow" if args.method in FLOW_METHODS else "eps"
+        args.method = args.method or default_method(objective)
         return args
     if not Path(args.checkpoint).is_file():
         p.error(f"--checkpoint {args.checkpoint} がありません")
@@ -84,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         objective = objective_of(read_diffusion(args.checkpoint))
     except ValueError as e:
         p.error(str(e))
+    args.method = args.method or default_method(objective)
     if objective == "flow" and args.method not in FLOW_METHODS:
         p.error(f"--checkpoint {args.checkpoint} はフローマッチングのモデルです。"
                 f"--method {' か '.join(FLOW_METHODS)} を指定してください")
@@ -101,13 +107,12 @@ def main(argv: list[str] | None = None) -> torch.Tensor:
     device = args.device or get_device()
     bf16, channels_last = fast_formats(device, args.bf16)
     if args.dry_run:  # 学習済みの重みなしで、CLI の流れだけを選んだ装置で確かめる
-        model = UNet(channels=(16, 32)).to(device).eval()
+        objective = "flow" if args.method in FLOW_METHODS else "eps"
+        model = UNet(channels=(16, 32), objective=objective).to(device).eval()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        sched = NoiseSchedule.from_name("cosine")
-        if args.method in FLOW_METHODS:  # フローの流れを確かめる (スケジュールなし)
-            sched = None
-        elif args.method == "ddpm":
+        sched = None if objective == "flow" else NoiseSchedule.from_name("cosine")
+        if args.method == "ddpm":
             args.method = "ddim"
         args.n, args.steps = min(args.n, 4), 2
     else:

@@ -7,22 +7,25 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from .algorithms import ddpm_sample_loop
+from .losses import FLOW_TIME_SCALE
 from .schedule import NoiseSchedule
 
 # サンプラーの既定値 (sample() と CLI の両方がこれを使います)
-DEFAULT_METHOD = "ddim"
+DEFAULT_METHOD = "ddim"  # ε を予測するモデル (DDPM) の既定
+DEFAULT_FLOW_METHOD = "heun"  # フローマッチングのモデルの既定
 DEFAULT_STEPS = 50
 DEFAULT_ETA = 1.0  # η = 1: DDPM と同じ分散のノイズを各ステップで足す
 DEFAULT_SPACING = "trailing"
 DEFAULT_GUIDANCE = 1.0  # s = 1: 条件付きモデルそのもの
 EPS_METHODS = ("ddpm", "ddim", "dpm++2m")  # ε を予測するモデル (DDPM) 用
 FLOW_METHODS = ("euler", "heun")  # フローマッチングのモデル用
-FLOW_TIME_SCALE = 1000.0  # フローの時刻 t ∈ [0, 1] を UNet には 1000·t として渡す
 
 
 def guided_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor,
@@ -41,25 +44,6 @@ def guided_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor,
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
     eps_c, eps_u = out.chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
-
-
-def ddpm_step(sched: NoiseSchedule, eps: torch.Tensor, t: int, x_t: torch.Tensor,
-              noise: torch.Tensor | None = None, clip: bool = True) -> torch.Tensor:
-    """DDPM の 1 ステップ: x_t から x_{t-1} を q(x_{t-1} | x_t, x̂_0) に従って引きます。
-
-    x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t を [-1, 1] に切り詰め、事後分布の平均 μ̃ と
-    分散 β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t を使います。t = 0 (最後) はノイズを足しません。
-    """
-    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
-    x0 = sched.predict_x0(x_t, tt, eps)
-    if clip:
-        x0 = x0.clamp(-1, 1)
-    mean = sched.posterior_mean(x0, x_t, tt)
-    if t == 0:
-        return mean
-    if noise is None:
-        noise = torch.randn_like(x_t)
-    return mean + sched.posterior_variance[t].item() ** 0.5 * noise
 
 
 def ddim_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
@@ -194,31 +178,65 @@ def nfe(method: str, steps: int, T: int = 1000) -> int:
     return steps
 
 
+def default_method(objective: str) -> str:
+    """モデルの学習の目的 ("eps" か "flow") に合う既定のサンプラー。"""
+    return DEFAULT_FLOW_METHOD if objective == "flow" else DEFAULT_METHOD
+
+
+def check_sampler(model: nn.Module, sched: NoiseSchedule | None, method: str | None) -> str:
+    """モデル (``model.objective``) とサンプラー・スケジュールが合うか確かめ、method を返します。
+
+    ε を予測するモデル ("eps") には EPS_METHODS とノイズスケジュール、フローマッチングの
+    モデル ("flow") には FLOW_METHODS と sched=None が要ります。method=None なら既定を選びます。
+    合わない組み合わせは 1 行の ValueError で止めます (違うサンプラーの画像を黙って返さない)。
+    """
+    objective = getattr(model, "objective", None)
+    if objective not in ("eps", "flow"):
+        raise ValueError(f"model.objective は 'eps' か 'flow' にしてください ({objective!r})")
+    method = default_method(objective) if method is None else method
+    methods = FLOW_METHODS if objective == "flow" else EPS_METHODS
+    if method not in methods:
+        raise ValueError(f"method={method!r} は使えません: objective={objective!r} のモデルには "
+                         f"{'・'.join(methods)} のどれかです")
+    if (objective == "flow") != (sched is None):
+        need = "sched=None" if objective == "flow" else "ノイズスケジュール (NoiseSchedule)"
+        raise ValueError(f"objective={objective!r} のモデルには {need} を渡してください")
+    return method
+
+
 @torch.no_grad()
 def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Tensor | None = None,
-           guidance_scale: float = DEFAULT_GUIDANCE, method: str = DEFAULT_METHOD,
-           steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA,
-           spacing: str = DEFAULT_SPACING, seed: int | None = 0, device: str | torch.device = "cpu",
-           bf16: bool = False, trajectory_every: int | None = None, progress: bool = False,
-           x_T: torch.Tensor | None = None, clip: bool = True):
+           guidance_scale: float = DEFAULT_GUIDANCE, method: str | None = None,
+           steps: int = DEFAULT_STEPS, eta: float = DEFAULT_ETA, spacing: str = DEFAULT_SPACING,
+           seed: int | None = 0, device: str | torch.device = "cpu", bf16: bool = False,
+           progress: bool = False, x_T: torch.Tensor | None = None, clip: bool = True,
+           callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
     """純粋なノイズ x_T ~ N(0, I) から n 個の標本 (n, *model.sample_shape)・[-1, 1] を作ります。
 
-    - method="ddpm": T ステップの祖先サンプリング (steps は無視)。
-    - method="ddim": steps ステップの DDIM (eta=0 で決定的、時刻の選び方は spacing)。
+    サンプラーの種類はモデルの ``model.objective`` に合わせます (UNet・ToyDenoiser の
+    コンストラクターと ``checkpoint.load_checkpoint`` が設定します。``check_sampler``)。
+
+    - method: ε 予測のモデル ("eps") には "ddpm"・"ddim"・"dpm++2m"、フローマッチングの
+      モデル ("flow"、sched=None) には "euler"・"heun"。None なら DEFAULT_METHOD か
+      DEFAULT_FLOW_METHOD。合わない組み合わせは ValueError です。
+    - "ddpm": T ステップの祖先サンプリング (``algorithms.ddpm_sample_loop``。steps は無視)。
+    - "ddim": steps ステップの DDIM (eta=0 で決定的、時刻の選び方は spacing)。
       既定値 (DEFAULT_*) は CLI と共通です。
-    - method="dpm++2m": steps ステップの DPM-Solver++(2M) (決定的。時刻は DDIM と同じ spacing、
+    - "dpm++2m": steps ステップの DPM-Solver++(2M) (決定的。時刻は DDIM と同じ spacing、
       最初と最後の一歩は 1 次)。eta は使いません。
+    - "euler" / "heun": steps ステップで ODE を t = 1 から 0 へ解きます (eta と spacing は
+      使いません)。
     - clip: ε 予測のサンプラーで x̂_0 を [-1, 1] に切り詰めるか (既定 True。
       ``dpm_data_prediction`` を参照)。
-    - method="euler" / "heun": フローマッチングのモデル用 (sched=None)。steps ステップで
-      ODE を t = 1 から 0 へ解きます (eta と spacing は使いません)。
     - y: クラス (n,)。None ならクラスなし。guidance_scale は ``guided_eps`` を参照。
     - seed: 同じ seed なら同じ画像 (乱数は CPU の torch.Generator で作ってから移します)。
     - x_T: 出発点のノイズ (n, C, H, W)。省くと seed から引きます。η = 0 の DDIM では
       x_T だけで画像が決まるので、x_T を補間すると画像が滑らかに移り変わります。
-    - trajectory_every: 指定すると (画像, [(t, x_t), ...]) を返します (途中経過の記録)。
-      t は論文の番号 (x_T の T から x_0 の 0 まで) です。
+    - callback(i, t, x): 出発点 (i = 0) と i ステップ目の後に呼びます。t は論文の番号
+      (x_T の T から x_0 の 0 まで。フローでは 1 から 0 の時刻)。途中経過を残すなら
+      ``sample_trajectory`` を使います。
     """
+    method = check_sampler(model, sched, method)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     shape = (n, *model.sample_shape)  # UNet なら (n, C, H, W)、2 次元の例なら (n, 2)
 
@@ -233,10 +251,8 @@ def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Te
         raise ValueError(f"x_T の形 {tuple(x_T.shape)} がモデルの入力 {shape} と合いません")
     if y is not None:
         y = y.to(device)
-    if (method in FLOW_METHODS) != (sched is None):
-        raise ValueError(f"method={method!r} は使えません: フローマッチングのモデル "
-                         f"(sched=None) には {FLOW_METHODS}、DDPM には {EPS_METHODS} です")
     dev_type = torch.device(device).type
+    record = callback or (lambda i, t, x: None)
 
     def predict(x: torch.Tensor, t: float | int) -> torch.Tensor:
         """時刻 t (ε 予測なら整数の番号、フローなら 0〜1) でのモデルの予測 (guidance 込み)。"""
@@ -249,41 +265,59 @@ def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Te
 
     if method in FLOW_METHODS:
         times = flow_times(steps)
-        traj = [(1.0, x.cpu())] if trajectory_every else None
+        record(0, 1.0, x)
         for i in tqdm(range(steps), desc=method, disable=not progress):
             x = flow_step(predict, x, times[i], times[i + 1], method)
-            if trajectory_every and (i + 1) % trajectory_every == 0:
-                traj.append((times[i + 1], x.cpu()))
-        x = x.clamp(-1, 1).cpu()
-        return (x, traj) if trajectory_every else x
+            record(i + 1, times[i + 1], x)
+        return x.clamp(-1, 1).cpu()
+    record(0, sched.T, x)
     if method == "ddpm":
-        times = list(reversed(range(sched.T)))
-    elif method in EPS_METHODS:
-        times = ddim_timesteps(sched.T, steps, spacing)
-    else:
-        raise ValueError(f"method は {EPS_METHODS} のどれかです (受け取ったのは {method!r})")
-    traj = [(sched.T, x.cpu())] if trajectory_every else None
+        bar = tqdm(total=sched.T, desc=method, disable=not progress)
+
+        def after_step(t: int, x: torch.Tensor) -> None:
+            bar.update(1)
+            record(sched.T - t, t, x)
+
+        x = ddpm_sample_loop(predict, sched, x, randn, clip, after_step)
+        bar.close()
+        return x.clamp(-1, 1).cpu()
+    times = ddim_timesteps(sched.T, steps, spacing)
     x0_last = None  # DPM-Solver++ が覚えておく 1 つ前の x̂_0
     for i, t in enumerate(tqdm(times, desc=method, disable=not progress)):
         eps = predict(x, t)
         t_prev = times[i + 1] if i + 1 < len(times) else -1
-        if method == "ddpm":
-            x = ddpm_step(sched, eps, t, x, randn() if t > 0 else None, clip)
-        elif method == "ddim":
+        if method == "ddim":
             x = ddim_step(sched, eps, t, t_prev, x, eta, randn() if eta > 0 else None, clip)
         else:
             x0 = dpm_data_prediction(sched, eps, t, x, clip)
             x = dpm_solver_pp_2m_step(sched, x, x0, t, t_prev, x0_last, times[i - 1] if i else None)
             x0_last = x0
-        if trajectory_every and (i + 1) % trajectory_every == 0:
-            # 論文の番号 (1..T、x_0 が 0) で記録する。コードの t から 1 歩戻った x は論文の x_t
-            traj.append((t if method == "ddpm" else t_prev + 1, x.cpu()))
-    x = x.clamp(-1, 1).cpu()
-    return (x, traj) if trajectory_every else x
+        # 論文の番号 (1..T、x_0 が 0) で記録する。コードの t から 1 歩戻った x は論文の x_t
+        record(i + 1, t_prev + 1, x)
+    return x.clamp(-1, 1).cpu()
 
 
 @torch.no_grad()
-def sample_many(model: nn.Module, sched: NoiseSchedule, n: int, batch_size: int = 500,
+def sample_trajectory(model: nn.Module, sched: NoiseSchedule | None, n: int, every: int = 1,
+                      **options) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor]]]:
+    """``sample`` と同じ画像と、every ステップごとの途中経過 [(t, x_t), ...] を返します。
+
+    t は論文の番号 (x_T の T から x_0 の 0 まで。フローでは 1 から 0 の時刻) で、
+    最初の要素は出発点のノイズです。options は ``sample`` と同じです。
+    """
+    if every < 1:
+        raise ValueError(f"every は 1 以上にしてください (受け取ったのは {every})")
+    traj: list[tuple[float, torch.Tensor]] = []
+
+    def record(i: int, t: float, x: torch.Tensor) -> None:
+        if i == 0 or i % every == 0:
+            traj.append((t, x.cpu()))
+
+    return sample(model, sched, n, callback=record, **options), traj
+
+
+@torch.no_grad()
+def sample_many(model: nn.Module, sched: NoiseSchedule | None, n: int, batch_size: int = 500,
                 seed: int = 0, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """n 枚をバッチに分けて生成します (バッチ i は seed + i)。評価用の大量生成に使います。"""
     out = []

@@ -1,7 +1,9 @@
 """2 次元の小さな例: ガウス混合のデータと、それを学ぶ MLP のノイズ予測器。
 
-画像と同じ ``NoiseSchedule``・``training_loss``・``sampling.sample`` をそのまま使います。
-違うのはデータ (2 次元の点) とネットワーク (UNet の代わりの MLP) だけです。
+画像と同じ ``NoiseSchedule``・``algorithms`` (DDPM の学習とサンプリング)・``sampling.sample``
+をそのまま使います。
+違うのはデータ (2 次元の点)、ネットワーク (UNet の代わりの MLP)、学習の設定 (学習率、
+p_uncond = 0.5、EMA も勾配の切り詰めもなし) です。
 
 データを等方的なガウス分布の混合 x_0 ~ Σ_k π_k N(μ_k, s² I) にしたのは、ノイズを加えた
 分布 p_t も閉じた形で分かるからです。x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε は
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import training_loss
+from .algorithms import ddpm_train_step
 from .schedule import NoiseSchedule
 from .unet import timestep_embedding
 
@@ -132,6 +134,7 @@ class ToyDenoiser(nn.Module):
                  time_dim: int = 32) -> None:
         super().__init__()
         self.sample_shape = (dim,)
+        self.objective = "eps"  # ε を予測する (sample() は DDPM・DDIM を選ぶ)
         self.num_classes = num_classes
         self.null_class = num_classes
         self.time_dim = time_dim
@@ -157,7 +160,7 @@ class ToyDenoiser(nn.Module):
 def train_toy(mix: GaussianMixture, sched: NoiseSchedule, steps: int = 2000,
               batch_size: int = 512, lr: float = 1e-2, p_uncond: float = 0.5,
               seed: int = 0, hidden: int = 64) -> tuple[ToyDenoiser, list[float]]:
-    """画像と同じ損失 (``losses.training_loss``) で ToyDenoiser を学習します。
+    """画像と同じ学習の 1 回 (``algorithms.ddpm_train_step``) で ToyDenoiser を学習します。
 
     データは毎ステップ混合から新しく引きます。学習率はコサインで 0 まで下げます。
     学習したモデル (eval モード) と、ステップごとの損失を返します。
@@ -172,12 +175,9 @@ def train_toy(mix: GaussianMixture, sched: NoiseSchedule, steps: int = 2000,
     losses = []
     for _ in range(steps):
         x0, comp = sample_mixture(mix, batch_size, gen)
-        loss = training_loss(model, sched, x0, mix.labels[comp], p_uncond, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        # 画像と同じ Algorithm 1 の 1 回 (algorithms.ddpm_train_step)
+        losses.append(ddpm_train_step(model, sched, x0, mix.labels[comp], opt, p_uncond, gen))
         lr_sched.step()
-        losses.append(loss.item())
     return model.eval(), losses
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import options
+from .algorithms import ddpm_train_step, flow_train_step
 from .checkpoint import (
     atomic_write_text,
     command_line,
@@ -39,13 +40,13 @@ from .checkpoint import (
 )
 from .data import load_tensors
 from .device import fast_formats, get_device
-from .losses import flow_matching_loss, training_loss
 from .sampling import sample
 from .schedule import NoiseSchedule
 from .unet import UNet
 
 PREVIEW_SEED = 1234  # 見本のノイズのシード (どのステップでも同じノイズから作る)
 PREVIEW_STEPS = 20  # 見本を作るサンプラーのステップ数
+MAX_GRAD_NORM = 1.0  # 勾配のノルムの上限
 
 
 def preview(model: nn.Module, sched: NoiseSchedule | None, device: torch.device,
@@ -54,7 +55,7 @@ def preview(model: nn.Module, sched: NoiseSchedule | None, device: torch.device,
 
     DDPM は η = 0 の DDIM、フローマッチングはオイラー法で、どちらも PREVIEW_STEPS ステップ。
     """
-    method = "euler" if sched is None else "ddim"
+    method = "euler" if model.objective == "flow" else "ddim"
     x = sample(model, sched, 10, y=torch.arange(10), method=method, steps=PREVIEW_STEPS,
                eta=0.0, seed=PREVIEW_SEED, device=device, bf16=bf16)
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     flow = args.objective == "flow"
     sched = None if flow else NoiseSchedule.from_name(args.schedule, args.T)
     schedule_name = "flow" if flow else args.schedule
-    model = UNet(channels=args.channels, patch_size=args.patch_size).to(device)
+    model = UNet(channels=args.channels, patch_size=args.patch_size,
+                 objective=args.objective).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay)
@@ -246,20 +248,15 @@ def main(argv: list[str] | None = None) -> dict:
             y = y_all[idx].to(device)
             if channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                if flow:
-                    loss = flow_matching_loss(model, x0, y, args.p_uncond, gen,
-                                              args.time_sampling)
-                else:
-                    loss = training_loss(model, sched, x0, y, args.p_uncond, gen)
-            loss_value = loss.item()  # GPU と同期するのは 1 ステップに 1 回だけ
+            if flow:
+                loss_value = flow_train_step(model, x0, y, opt, args.p_uncond, gen,
+                                             MAX_GRAD_NORM, bf16, args.time_sampling)
+            else:  # Ho et al. 2020 の Algorithm 1 (algorithms.ddpm_train_step)
+                loss_value = ddpm_train_step(model, sched, x0, y, opt, args.p_uncond, gen,
+                                             MAX_GRAD_NORM, bf16)
             if not math.isfinite(loss_value):  # NaN の重みで良いチェックポイントを上書きしない
                 raise SystemExit(f"ステップ {step + 1} で損失が {loss_value} になりました。"
                                  "--lr を下げてください (保存済みの last.pt はそのままです)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
             lr_sched.step()
             ema.update(model)
             step += 1
@@ -287,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar.close()
     summary = extra()
     summary.update(step=step, stopped_early=stopped_early,
-                   final_loss=history[-1][1] if history else loss.item())
+                   final_loss=history[-1][1] if history else loss_value)
     if args.export and not args.dry_run:
         info = {"command": command, "commit": git_commit(), "device": str(device),
                 "bf16": bf16, "channels_last": channels_last,

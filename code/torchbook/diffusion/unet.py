@@ -55,13 +55,18 @@ class UNet(nn.Module):
     - ``channels``: 各解像度のチャネル数 (既定 (32, 64, 128))。
     - ``num_classes``: クラス数。クラス埋め込みは num_classes + 1 個で、最後の番号
       (= num_classes) が「クラスなし」です (classifier-free guidance 用)。
+    - ``objective``: 学習の目的。"eps" (ε を予測する DDPM) か "flow" (速度 v を予測する
+      フローマッチング)。ネットワークの形は同じで、``sampling.sample`` がサンプラーを選びます。
     - 正規化は GroupNorm (バッチ内のほかの画像、つまりほかのノイズの強さに影響されない)。
     """
 
     def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (32, 64, 128),
                  num_classes: int = 10, image_size: int = 32, groups: int = 8,
-                 dropout: float = 0.0, patch_size: int = 2) -> None:
+                 dropout: float = 0.0, patch_size: int = 2, objective: str = "eps") -> None:
         super().__init__()
+        if objective not in ("eps", "flow"):
+            raise ValueError(f"objective は 'eps' か 'flow' です (受け取ったのは {objective!r})")
+        self.objective = objective  # 何を予測するか。sample() はこれに合うサンプラーを選ぶ
         self.config = {"in_channels": in_channels, "channels": list(channels),
                        "num_classes": num_classes, "image_size": image_size,
                        "groups": groups, "dropout": dropout, "patch_size": patch_size}
