@@ -18,7 +18,7 @@ from diffusion_fixtures import SRC, WEIGHTS, fashion_root, run_module
 from torchbook.diffusion import classifier, evaluate, options, sample, train
 
 LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
-           "toy", "losses", "algorithms"}
+           "toy", "losses", "algorithms", "training"}
 CLIS = {"train", "sample", "evaluate", "classifier"}
 
 

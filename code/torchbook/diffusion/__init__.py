@@ -3,7 +3,8 @@
 下の層 (ライブラリ): ``schedule`` (ノイズスケジュール)、``unet`` (ε を予測する UNet)、
 ``algorithms`` (DDPM の学習とサンプリングのループ: Ho et al. 2020 の Algorithm 1・2)、
 ``sampling`` (DDPM・DDIM・DPM-Solver++・フローの ODE・guidance と既定値)、
-``losses`` (ε 予測とフローマッチングの損失)、``toy`` (2 次元の例)、
+``losses`` (ε 予測とフローマッチングの損失)、``training`` (EMA と学習率のスケジュール)、
+``toy`` (2 次元の例)、
 ``checkpoint`` (ファイル形式と読み書き)、``data`` (Fashion-MNIST)、``metrics`` (FID・KID と
 特徴を作る分類器)、``device`` (デバイスと bf16・channels_last の決定)、``options`` (CLI の
 引数の型と確認)。

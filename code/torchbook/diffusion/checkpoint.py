@@ -13,7 +13,8 @@
      "previews": {ステップ: 同じノイズから作った見本の画像 (uint8)},
      # 以下は学習を再開するためのもの。配布用 (ema_only) のファイルにはありません
      "model": 学習中の重み, "optimizer": ..., "lr_scheduler": ...,
-     "rng": torch の乱数の状態, "generator": データを選ぶ乱数の状態}
+     "rng": torch の乱数の状態, "generator": データを選ぶ乱数の状態,
+     "config": 学習の形を決める設定 (再開のときに比べる。train.RUN_SETTINGS)}
 
 分類器 (FID/KID の特徴を作る ``FashionClassifier``) は ``state_dict`` そのものです。
 どちらも隣に同じ名前の ``.json`` (来歴: 実行したコマンド、コミット、測定値) を置きます。
@@ -111,12 +112,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_nam
                     optimizer: torch.optim.Optimizer | None = None,
                     lr_scheduler=None, step: int = 0,
                     generator: torch.Generator | None = None, objective: str = "eps",
-                    previews: dict[int, torch.Tensor] | None = None) -> None:
+                    previews: dict[int, torch.Tensor] | None = None,
+                    config: dict | None = None) -> None:
     """拡散モデルのチェックポイントを保存します。ema_only=True なら EMA の重みだけ (配布用)。
 
     ema は ``.model`` (EMA の重みを持つ UNet) と ``.step`` を持つオブジェクトです。
     再開用には最適化器・学習率・乱数の状態も保存し、続きが中断なしと同じになるようにします。
-    objective は "eps" (DDPM) か "flow" (フローマッチング)、previews は学習途中の見本です。
+    objective は "eps" (DDPM) か "flow" (フローマッチング)、previews は学習途中の見本、
+    config は再開のときに比べる学習の設定です (再開用のファイルだけに保存)。
     """
     ckpt = {"kind": KINDS[objective], "unet": model.config, "schedule": schedule_name, "T": T,
             "step": step, "ema": ema.model.state_dict(), "ema_step": ema.step,
@@ -127,6 +130,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_nam
         ckpt["lr_scheduler"] = lr_scheduler.state_dict() if lr_scheduler else None
         ckpt["rng"] = torch.get_rng_state()
         ckpt["generator"] = generator.get_state() if generator else None
+        ckpt["config"] = config or {}
     atomic_save(ckpt, path)
 
 

@@ -25,6 +25,9 @@
 生成にはクラス 0〜9 を均等に割り当てます。どのタスクもクラスの正解率を一緒に測ります。
 結果は ``--out`` の JSON の ``"eval"`` に 1 項目ずつ追記します (途中で止まっても
 済んだ分は残ります)。キーは ``<split>/<タスク>@<n>`` (例: ``val/ddim:50:1:1@1000``) です。
+``--seeds 1234 777 2024`` のように複数のシードで測ると、既定 (1234) 以外のシードの結果は
+``<split>/<タスク>@<n>/seed<シード>`` に書きます (FID がシードだけでどれだけ動くかを見るため。
+選ぶのはいつも既定のシードの val の結果です)。
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ TASK_HELP = ("reference, chosen, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], dpm:<st
              "euler:<steps>[:<s>], heun:<steps>[:<s>]")
 NFE_BUDGETS = (5, 10, 20, 50, 100)  # best_per_nfe を記録する NFE の予算
 T_DDPM = 1000  # ddpm タスクの NFE (チェックポイントの T。同梱のモデルは 1000)
+DEFAULT_SEED = 1234  # サンプラーの乱数のシードの既定。選ぶ (--choose) のはこのシードの結果
 
 
 def balanced_labels(n: int) -> torch.Tensor:
@@ -138,9 +142,13 @@ def task_objective(kwargs: dict) -> str | None:
     return "flow" if kwargs["method"] in FLOW_METHODS else "eps"
 
 
-def entry_key(split: str, task: str, n: int) -> str:
-    """JSON の "eval" のキー (例: "val/ddim:50:1:1@1000")。"""
-    return f"{split}/{task}@{n}"
+def entry_key(split: str, task: str, n: int, seed: int = DEFAULT_SEED) -> str:
+    """JSON の "eval" のキー (例: "val/ddim:50:1:1@1000"、seed 777 なら "...@1000/seed777")。
+
+    既定のシード (DEFAULT_SEED) の結果はシードを付けない名前のままです (選ぶのはこの結果)。
+    """
+    key = f"{split}/{task}@{n}"
+    return key if seed == DEFAULT_SEED else f"{key}/seed{seed}"
 
 
 def read_json(path: Path) -> dict:
@@ -188,7 +196,8 @@ def choose(path: Path, n: int, command: str) -> dict:
     """
     ev = read_json(path).get("eval", {})
     vals = [v for v in ev.values()
-            if v.get("split") == "val" and v.get("n") == n and v.get("task") != "reference"]
+            if v.get("split") == "val" and v.get("n") == n and v.get("task") != "reference"
+            and v.get("sampler_seed", DEFAULT_SEED) == DEFAULT_SEED]
     cands = {v["task"]: v["fid"] for v in vals}
     if not cands:
         raise ValueError(f"{path} に val・n = {n} のサンプラーの結果がありません。"
@@ -252,7 +261,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="測らずに、--out にある val の結果からサンプラー (最良と、"
                    "NFE の予算ごとの最良) を選んで記録する")
     p.add_argument("--batch-size", type=options.positive_int, default=500)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+",
+                   default=[DEFAULT_SEED],
+                   help="サンプラーの乱数のシード (複数なら各シードで測る。FID のばらつきを見る"
+                   f"ため。選ぶのは {DEFAULT_SEED} の結果)")
     p.add_argument("--threads", type=options.positive_int, default=None)
     options.add_device_argument(p)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -302,11 +314,13 @@ def check_test_tasks(p: argparse.ArgumentParser, args: argparse.Namespace,
     for k in args.parsed:
         if k["task"] in allowed:
             continue
-        val = ev.get(entry_key("val", k["task"], args.n))
-        if val is None or val.get("checkpoint") != ckpt:
-            p.error(f"--split test で測れるのは reference、chosen と、{args.out} で同じ "
-                    f"--checkpoint・--n {args.n} で val を測り済みのタスクだけです "
-                    f"({k['task']} は val で先に測ってください。選ぶのは val です)")
+        for seed in args.seeds:
+            val = ev.get(entry_key("val", k["task"], args.n, seed))
+            if val is None or val.get("checkpoint") != ckpt:
+                p.error(f"--split test で測れるのは reference、chosen と、{args.out} で同じ "
+                        f"--checkpoint・--n {args.n}・シードで val を測り済みのタスクだけです "
+                        f"({k['task']} (seed {seed}) は val で先に測ってください。"
+                        "選ぶのは val です)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -333,20 +347,23 @@ def main(argv: list[str] | None = None) -> dict:
     except (OSError, ValueError) as e:  # データが無い・壊れている: 直し方を 1 行で
         raise SystemExit(str(e)) from None
     results = {}
-    for kwargs in args.parsed:
+    runs = [(k, seed) for k in args.parsed for seed in args.seeds
+            if k["task"] != "reference" or seed == args.seeds[0]]  # 本物どうしはシードと無関係
+    for kwargs, seed in runs:
         try:
             res = run_task(kwargs, model, sched, clf, images, labels, args.split, args.n,
-                           args.batch_size, args.seed, device, bf16)
+                           args.batch_size, seed, device, bf16)
         except KeyboardInterrupt:  # 済んだタスクは JSON に書いてある
             print(f"\n中断しました。終わったタスク ({len(results)} 個) は {args.out} に"
                   "書いてあります", file=sys.stderr)
             raise SystemExit(130) from None
         res.update(task=kwargs["task"], split=args.split, split_seed=SPLIT_SEED, n=args.n,
-                   sampler_seed=args.seed, checkpoint=os.path.basename(args.checkpoint),
+                   sampler_seed=seed, checkpoint=os.path.basename(args.checkpoint),
                    command=command, device=str(device), bf16=bf16,
                    channels_last=channels_last, threads=torch.get_num_threads(),
                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        key = entry_key(args.split, kwargs["task"], args.n)
+        key = entry_key(args.split, kwargs["task"], args.n,
+                        DEFAULT_SEED if kwargs["task"] == "reference" else seed)
         add_entry(args.out, key, res)
         results[key] = res
         print(key, {k: round(res[k], 4) for k in ("fid", "fid_mean", "accuracy", "seconds", "nfe")
