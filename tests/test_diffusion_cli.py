@@ -15,10 +15,10 @@ import pytest
 import torch
 from diffusion_fixtures import SRC, WEIGHTS, fashion_root, run_module
 
-from torchbook.diffusion import classifier, evaluate, options, sample, train
+from torchbook.diffusion import classifier, evaluate, evaluation, options, sample, train
 
 LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
-           "toy", "losses", "algorithms", "training"}
+           "toy", "losses", "algorithms", "training", "evaluation"}
 CLIS = {"train", "sample", "evaluate", "classifier"}
 
 
@@ -225,7 +225,7 @@ def test_classifier_default_save_is_not_the_shipped_file():
 
 def _write_keys(path: str, prefix: str, n: int) -> None:
     for i in range(n):
-        evaluate.add_entry(Path(path), f"{prefix}{i}", {"fid": float(i)})
+        evaluation.add_entry(Path(path), f"{prefix}{i}", {"fid": float(i)})
 
 
 def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
@@ -245,11 +245,11 @@ def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
 
 def test_evaluate_tasks_parse_and_reject_typos(capsys, tmp_path):
     out = ["--out", str(tmp_path / "e.json")]
-    assert evaluate.parse_task("reference") == {"task": "reference"}
-    d = evaluate.parse_task("ddim:20")
+    assert evaluation.parse_task("reference") == {"task": "reference"}
+    d = evaluation.parse_task("ddim:20")
     assert (d["steps"], d["eta"], d["guidance_scale"], d["task"]) == (20, 1.0, 1.0, "ddim:20:1:1")
-    assert evaluate.parse_task("ddim:50:0:2.5")["task"] == "ddim:50:0:2.5"
-    assert evaluate.parse_task("ddpm")["method"] == "ddpm"
+    assert evaluation.parse_task("ddim:50:0:2.5")["task"] == "ddim:50:0:2.5"
+    assert evaluation.parse_task("ddpm")["method"] == "ddpm"
     for bad in ["ddim", "ddim:x", "ddpm:3:1", "ddim:1:2:3:4", "floor", "ddim:0"]:
         with pytest.raises(SystemExit):
             evaluate.parse_args([*out, "--tasks", "reference", bad])
@@ -268,8 +268,8 @@ def test_choose_picks_the_lowest_val_fid_only(tmp_path):
     rows = [("a", "val", "ddim:10:1:1", 3.0), ("b", "val", "ddim:50:1:1", 2.0),
             ("c", "test", "ddim:20:1:1", 0.5), ("d", "val", "reference", 0.9)]
     for key, split, task, fid in rows:
-        evaluate.add_entry(path, key, {"split": split, "task": task, "fid": fid, "n": 100})
-    sel = evaluate.choose(path, 100, "cmd")
+        evaluation.add_entry(path, key, {"split": split, "task": task, "fid": fid, "n": 100})
+    sel = evaluation.choose(path, 100, "cmd")
     assert sel["chosen"] == "ddim:50:1:1" and set(sel["candidates"]) == {"ddim:10:1:1",
                                                                          "ddim:50:1:1"}
     args = evaluate.parse_args(["--out", str(path), "--n", "100", "--split", "test",

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import secrets
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -53,14 +53,25 @@ DEFAULT_CLASSIFIER = WEIGHTS_DIR / "fashion_classifier.pt"
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """write(一時ファイルのパス) で書いてから path へ os.replace します (画像などにも使えます)。"""
+    """write(一時ファイルのパス) で書いてから path へ os.replace します (画像などにも使えます)。
+
+    一時ファイルは普通のファイルと同じ権限 (0o666 から umask を除いたもの) で作ります。
+    書けなかったとき (ディスクが一杯、ファイルの大きさの上限など) は、前のファイルを
+    そのまま残し、そう述べる 1 行の OSError にします。
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 権限は umask に従う
     try:
         write(tmp)
         os.replace(tmp, path)  # 書き終えたファイルとの入れ替えは一瞬 (途中の状態がない)
+    except (OSError, RuntimeError) as e:  # torch.save の書き込みの失敗は RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        kept = "前のファイルはそのまま残っています" if path.exists() else "何も書いていません"
+        reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise OSError(f"{path} を保存できませんでした ({reason[:120]})。{kept}。"
+                      "ディスクの空きと書き込める大きさを確かめてください") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -16,28 +16,19 @@
     python -m torchbook.diffusion.evaluate --data-root data --split test --n 1000 \\
         --tasks reference chosen --out runs/eval.json
 
-タスク: ``reference`` (同じ枚数の本物どうしの FID とそのばらつき)、``chosen`` (JSON の
-``selection`` で選ばれたサンプラー)。ε を予測する DDPM のチェックポイントには
-``ddim:<steps>[:<eta>[:<s>]]``、``dpm:<steps>[:<s>]`` (DPM-Solver++ 2M)、``ddpm[:<s>]``
-(1000 ステップ)、フローマッチングのチェックポイントには ``euler:<steps>[:<s>]`` と
-``heun:<steps>[:<s>]`` です。省いた値は sample() と同じ既定値です。
-どの結果にも ``method`` と ``nfe`` (``sampling.nfe``) を記録します。
-生成にはクラス 0〜9 を均等に割り当てます。どのタスクもクラスの正解率を一緒に測ります。
-結果は ``--out`` の JSON の ``"eval"`` に 1 項目ずつ追記します (途中で止まっても
-済んだ分は残ります)。キーは ``<split>/<タスク>@<n>`` (例: ``val/ddim:50:1:1@1000``) です。
-``--seeds 1234 777 2024`` のように複数のシードで測ると、既定 (1234) 以外のシードの結果は
-``<split>/<タスク>@<n>/seed<シード>`` に書きます (FID がシードだけでどれだけ動くかを見るため。
-選ぶのはいつも既定のシードの val の結果です)。
+タスクの書き方と JSON のキーは ``evaluation`` モジュールの説明のとおりです。どの結果にも
+``method`` と ``nfe`` (``sampling.nfe``) を記録します。生成にはクラス 0〜9 を均等に
+割り当て、どのタスクもクラスの正解率を一緒に測ります。結果は ``--out`` の JSON に
+1 項目ずつ追記します (途中で止まっても済んだ分は残ります)。
+``--seeds 1234 777 2024`` のように複数のシードで測ると、FID がサンプラーのシードだけで
+どれだけ動くかが分かります (選ぶのはいつも既定のシード 1234 の val の結果です)。
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +37,6 @@ import torch
 from . import options
 from .checkpoint import (
     DEFAULT_CHECKPOINT,
-    atomic_write_text,
     command_line,
     load_checkpoint,
     load_classifier,
@@ -55,188 +45,21 @@ from .checkpoint import (
 )
 from .data import load_tensors
 from .device import fast_formats, get_device
-from .metrics import (
-    SPLIT_SEED,
-    SPLITS,
-    balanced_blocks,
-    classifier_accuracy,
-    real_reference,
-    score_samples,
+from .evaluation import (
+    DEFAULT_SEED,
+    TASK_HELP,
+    add_entry,
+    choose,
+    entry_key,
+    parse_task,
+    read_json,
+    run_task,
+    task_objective,
 )
-from .sampling import (
-    DEFAULT_ETA,
-    DEFAULT_GUIDANCE,
-    DEFAULT_SPACING,
-    DEFAULT_STEPS,
-    FLOW_METHODS,
-    nfe,
-    sample_many,
-)
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+from .metrics import SPLIT_SEED, SPLITS
+from .sampling import DEFAULT_STEPS
 
 DEFAULT_OUT = Path("runs") / "ddpm_eval.json"
-TASK_HELP = ("reference, chosen, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], dpm:<steps>[:<s>], "
-             "euler:<steps>[:<s>], heun:<steps>[:<s>]")
-NFE_BUDGETS = (5, 10, 20, 50, 100)  # best_per_nfe を記録する NFE の予算
-T_DDPM = 1000  # ddpm タスクの NFE (チェックポイントの T。同梱のモデルは 1000)
-DEFAULT_SEED = 1234  # サンプラーの乱数のシードの既定。選ぶ (--choose) のはこのシードの結果
-
-
-def balanced_labels(n: int) -> torch.Tensor:
-    """0, 1, ..., 9, 0, 1, ... と並べた n 個のクラス。"""
-    return torch.arange(n) % 10
-
-
-def parse_task(task: str) -> dict:
-    """タスク名を ``sample`` の引数に直します ("reference" と "chosen" は名前だけの辞書)。"""
-    if task in ("reference", "chosen"):
-        return {"task": task}
-    name, *args = task.split(":")
-    try:
-        if any(a.strip().lower() in ("nan", "inf", "-inf", "+inf") for a in args):
-            raise ValueError
-        if name == "ddim" and 1 <= len(args) <= 3:
-            steps = int(args[0])
-            eta = float(args[1]) if len(args) > 1 else DEFAULT_ETA
-            s = float(args[2]) if len(args) > 2 else DEFAULT_GUIDANCE
-            if steps < 1 or eta < 0:
-                raise ValueError
-            kwargs = {"method": "ddim", "steps": steps, "eta": eta, "spacing": DEFAULT_SPACING,
-                      "guidance_scale": s}
-            kwargs["task"] = f"ddim:{steps}:{eta:g}:{s:g}"
-        elif name in ("dpm", *FLOW_METHODS) and 1 <= len(args) <= 2:
-            steps = int(args[0])
-            s = float(args[1]) if len(args) > 1 else DEFAULT_GUIDANCE
-            if steps < 1:
-                raise ValueError
-            method = "dpm++2m" if name == "dpm" else name
-            kwargs = {"method": method, "steps": steps, "guidance_scale": s,
-                      "task": f"{name}:{steps}:{s:g}"}
-            if name == "dpm":
-                kwargs["spacing"] = DEFAULT_SPACING
-        elif name == "ddpm" and len(args) <= 1:
-            s = float(args[0]) if args else DEFAULT_GUIDANCE
-            kwargs = {"method": "ddpm", "guidance_scale": s, "task": f"ddpm:{s:g}"}
-        else:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"未知のタスク {task!r}: {TASK_HELP} のどれかにしてください") from None
-    return kwargs
-
-
-def task_nfe(kwargs: dict, T: int = T_DDPM) -> int:
-    """タスクのネットワーク評価回数 (reference は 0)。"""
-    if kwargs["task"] == "reference":
-        return 0
-    return nfe(kwargs["method"], kwargs.get("steps", 0), T)
-
-
-def task_objective(kwargs: dict) -> str | None:
-    """タスクが要るモデルの種類: "flow"、"eps"、どちらでもよい reference なら None。"""
-    if kwargs["task"] == "reference":
-        return None
-    return "flow" if kwargs["method"] in FLOW_METHODS else "eps"
-
-
-def entry_key(split: str, task: str, n: int, seed: int = DEFAULT_SEED) -> str:
-    """JSON の "eval" のキー (例: "val/ddim:50:1:1@1000"、seed 777 なら "...@1000/seed777")。
-
-    既定のシード (DEFAULT_SEED) の結果はシードを付けない名前のままです (選ぶのはこの結果)。
-    """
-    key = f"{split}/{task}@{n}"
-    return key if seed == DEFAULT_SEED else f"{key}/seed{seed}"
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def update_json(path: Path, update) -> dict:
-    """JSON を読み、update(data) で書き換えて原子的に書き戻します。
-
-    並行して動く評価どうしが互いの結果を消さないよう、一時フォルダーのロックファイル
-    (JSON のパスごとに 1 つ) で順番に読み・書きします (fcntl のない Windows ではロックなし)。
-    """
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    user = os.getuid() if hasattr(os, "getuid") else 0
-    lock_path = Path(tempfile.gettempdir()) / f"torchbook-eval-{user}-{digest}.lock"
-    with open(lock_path, "a") as lock:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # ファイルを閉じるとロックも外れる
-        data = read_json(path)
-        update(data)
-        atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
-    return data
-
-
-def add_entry(path: Path, key: str, value: dict) -> None:
-    update_json(path, lambda data: data.setdefault("eval", {}).__setitem__(key, value))
-
-
-def best_per_nfe(cands: dict[str, float], nfes: dict[str, int],
-                 budgets: tuple[int, ...] = NFE_BUDGETS) -> dict[str, dict]:
-    """NFE の予算ごとに、nfe ≤ 予算の候補で FID が最小のもの ({"5": {task, fid, nfe}, ...})。"""
-    best = {}
-    for budget in budgets:
-        within = [t for t in cands if nfes[t] <= budget]
-        if within:
-            task = min(within, key=cands.get)
-            best[str(budget)] = {"task": task, "fid": cands[task], "nfe": nfes[task]}
-    return best
-
-
-def choose(path: Path, n: int, command: str) -> dict:
-    """JSON の val の結果 (枚数 n) から FID が最小のサンプラーを選び、"selection" に書きます。
-
-    NFE の予算ごとの最良 (``best_per_nfe``) も一緒に記録します。
-    """
-    ev = read_json(path).get("eval", {})
-    vals = [v for v in ev.values()
-            if v.get("split") == "val" and v.get("n") == n and v.get("task") != "reference"
-            and v.get("sampler_seed", DEFAULT_SEED) == DEFAULT_SEED]
-    cands = {v["task"]: v["fid"] for v in vals}
-    if not cands:
-        raise ValueError(f"{path} に val・n = {n} のサンプラーの結果がありません。"
-                         "先に --split val --tasks ddim:... で測ってください")
-    nfes = {v["task"]: v.get("nfe", task_nfe(parse_task(v["task"]))) for v in vals}
-    chosen = min(cands, key=cands.get)
-    ref = ev.get(entry_key("val", "reference", n), {})
-    selection = {
-        "split": "val", "n": n, "rule": "val の FID が最小のサンプラー",
-        "candidates": dict(sorted(cands.items(), key=lambda kv: kv[1])),
-        "chosen": chosen, "chosen_fid": cands[chosen], "chosen_nfe": nfes[chosen],
-        "best_per_nfe": best_per_nfe(cands, nfes),
-        "reference_fid_range": [ref.get("fid_min"), ref.get("fid_max")],
-        "command": command,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    update_json(path, lambda data: data.__setitem__("selection", selection))
-    return selection
-
-
-def run_task(kwargs: dict, model, sched, clf, images: torch.Tensor, labels: torch.Tensor,
-             split: str, n: int, batch_size: int, seed: int, device: torch.device,
-             bf16: bool) -> dict:
-    """1 つのタスクを実行し、結果の辞書を返します。"""
-    t0 = time.time()
-    if kwargs["task"] == "reference":
-        res = real_reference(clf, images, labels, split, n)
-        return {**res, "seconds": time.time() - t0, "method": "reference", "nfe": 0}
-    y = balanced_labels(n)
-    sample_kwargs = {k: v for k, v in kwargs.items() if k != "task"}
-    x = sample_many(model, sched, n, batch_size=batch_size, seed=seed, y=y, device=device,
-                    bf16=bf16, **sample_kwargs)
-    seconds = time.time() - t0
-    ref = images[balanced_blocks(labels, split, n)[0]]
-    res = score_samples(clf, x, ref)
-    res.update(kwargs, seconds=seconds, seconds_per_image=seconds / n,
-               accuracy=classifier_accuracy(clf, x, y),
-               nfe=task_nfe(kwargs, sched.T if sched is not None else T_DDPM))
-    return res
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -263,8 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
             return
         if step not in previews:
             previews[step] = preview(ema.model, sched, device, bf16)
-        save_checkpoint(last, model, ema, schedule_name, args.T, extra(), False,
-                        opt, lr_sched, step, gen, args.objective, previews, run_config(args))
+        try:
+            save_checkpoint(last, model, ema, schedule_name, args.T, extra(), False,
+                            opt, lr_sched, step, gen, args.objective, previews, run_config(args))
+        except OSError as e:  # ディスクが一杯など: 前の last.pt は残っている
+            raise SystemExit(str(e)) from None
 
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=5,
@@ -335,10 +338,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "cpu": platform.processor() or platform.machine(),
                 "python": platform.python_version(), "torch": str(torch.__version__),
                 **summary}
-        save_checkpoint(args.export, model, ema, schedule_name, args.T, info, ema_only=True,
-                        step=step, objective=args.objective, previews=previews)
-        atomic_write_text(Path(args.export).with_suffix(".json"),
-                          json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+        try:
+            save_checkpoint(args.export, model, ema, schedule_name, args.T, info,
+                            ema_only=True, step=step, objective=args.objective, previews=previews)
+            atomic_write_text(Path(args.export).with_suffix(".json"),
+                              json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+        except OSError as e:  # last.pt は保存済みなので、--export だけやり直せばよい
+            raise SystemExit(str(e)) from None
         print(f"EMA の重みを {args.export} に書きました")
     print(f"完了: ステップ {step}, 最後の損失 {summary['final_loss']:.4f}")
     return summary
