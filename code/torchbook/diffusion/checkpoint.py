@@ -193,7 +193,7 @@ def load_classifier(path: str | os.PathLike | None = None,
     if not path.is_file():
         raise FileNotFoundError(
             f"分類器の重み {path} がありません。このフォルダーの classifier モジュールで"
-            "学習して保存してください (--help で使い方を表示します)")
+            "学習して保存するか、path に分類器の重みを渡してください")
     state = read_checkpoint(path)
     model = FashionClassifier()
     try:

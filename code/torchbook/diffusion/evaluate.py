@@ -26,6 +26,9 @@
 
 from __future__ import annotations
 
+if not __package__:  # ファイルを直接実行した: 下の相対 import の代わりに -m を 1 行で案内する
+    import direct_run  # noqa: F401
+
 import argparse
 import os
 import sys
@@ -62,13 +65,14 @@ from .sampling import DEFAULT_STEPS
 DEFAULT_OUT = Path("runs") / "ddpm_eval.json"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
         description="拡散モデル (DDPM かフローマッチング) の FID/KID/正解率/時間を測り、"
-        "JSON に書きます")
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--out", default=str(DEFAULT_OUT),
-                   help=f"結果を書き足す JSON (既定: {DEFAULT_OUT})")
+        "JSON に書きます", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="拡散モデルのチェックポイント (.pt)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="結果を書き足す JSON")
     p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
     p.add_argument("--download", action="store_true",
                    help="Fashion-MNIST が無ければ torchvision でダウンロードする")
@@ -83,15 +87,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--choose", action="store_true",
                    help="測らずに、--out にある val の結果からサンプラー (最良と、"
                    "NFE の予算ごとの最良) を選んで記録する")
-    p.add_argument("--batch-size", type=options.positive_int, default=500)
+    p.add_argument("--batch-size", type=options.positive_int, default=500,
+                   help="一度に生成する枚数")
     p.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+",
                    default=[DEFAULT_SEED],
                    help="サンプラーの乱数のシード (複数なら各シードで測る。FID のばらつきを見る"
                    f"ため。選ぶのは {DEFAULT_SEED} の結果)")
-    p.add_argument("--threads", type=options.positive_int, default=None)
+    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
     options.add_device_argument(p)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     args.out = options.check_output(p, args.out, "--out", (".json",))
     if args.choose:
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.choose:
         try:
             sel = choose(args.out, args.n, command)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # 測った結果がない・書けない
             raise SystemExit(str(e)) from None
         print(f"選んだサンプラー: {sel['chosen']} (val FID {sel['chosen_fid']:.3f})")
         for budget, best in sel["best_per_nfe"].items():
@@ -187,7 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         key = entry_key(args.split, kwargs["task"], args.n,
                         DEFAULT_SEED if kwargs["task"] == "reference" else seed)
-        add_entry(args.out, key, res)
+        try:
+            add_entry(args.out, key, res)
+        except OSError as e:  # 書けない・ロックが外れない (TimeoutError も OSError)
+            raise SystemExit(str(e)) from None
         results[key] = res
         print(key, {k: round(res[k], 4) for k in ("fid", "fid_mean", "accuracy", "seconds", "nfe")
                     if k in res}, flush=True)

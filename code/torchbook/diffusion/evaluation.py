@@ -26,7 +26,15 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .metrics import balanced_blocks, classifier_accuracy, real_reference, score_samples
-from .sampling import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_SPACING, FLOW_METHODS, nfe, sample_many
+from .sampling import (
+    DEFAULT_ETA,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    FLOW_METHODS,
+    nfe,
+    sample_many,
+)
 
 TASK_HELP = ("reference, chosen, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], dpm:<steps>[:<s>], "
              "euler:<steps>[:<s>], heun:<steps>[:<s>]")
@@ -41,10 +49,20 @@ def balanced_labels(n: int) -> torch.Tensor:
 
 
 def parse_task(task: str) -> dict:
-    """タスク名を ``sample`` の引数に直します ("reference" と "chosen" は名前だけの辞書)。"""
+    """タスク名を ``sample`` の引数に直します ("reference" と "chosen" は名前だけの辞書)。
+
+    来歴 JSON の ``eval_legacy`` に記録したコマンドがそのまま動くよう、古い名前も受け付けて
+    今の名前に直します: ``floor`` は ``reference``、``guidance:<s>[:<eta>]`` は
+    ``ddim:<DEFAULT_STEPS>:<eta>:<s>`` です (参照画像の選び方は今のもの。JSON の注記を参照)。
+    """
+    if task == "floor":
+        task = "reference"
     if task in ("reference", "chosen"):
         return {"task": task}
     name, *args = task.split(":")
+    if name == "guidance" and 1 <= len(args) <= 2:
+        name, args = "ddim", [str(DEFAULT_STEPS), args[1] if len(args) > 1 else str(DEFAULT_ETA),
+                              args[0]]
     try:
         if any(a.strip().lower() in ("nan", "inf", "-inf", "+inf") for a in args):
             raise ValueError
@@ -178,7 +196,7 @@ def choose(path: Path, n: int, command: str) -> dict:
     cands = {v["task"]: v["fid"] for v in vals}
     if not cands:
         raise ValueError(f"{path} に val・n = {n} のサンプラーの結果がありません。"
-                         "先に --split val --tasks ddim:... で測ってください")
+                         "先に val でサンプラーを測ってください (CLI なら --split val --tasks ...)")
     nfes = {v["task"]: v.get("nfe", task_nfe(parse_task(v["task"]))) for v in vals}
     chosen = min(cands, key=cands.get)
     ref = ev.get(entry_key("val", "reference", n), {})

@@ -257,14 +257,9 @@ def real_reference(
     return res
 
 
-def score_samples(
-    model: nn.Module,
-    samples: torch.Tensor,
-    reference: torch.Tensor,
-    batch_size: int = 500,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-) -> dict[str, float]:
+def score_samples(model: nn.Module, samples: torch.Tensor, reference: torch.Tensor,
+                  batch_size: int = 500, device: str | torch.device | None = None,
+                  seed: int = 0) -> dict[str, float]:
     """生成画像 samples と本物の参照画像 reference の FID/KID を返します。"""
     feats_s = extract_features(model, samples, batch_size, device)
     feats_r = extract_features(model, reference, batch_size, device)

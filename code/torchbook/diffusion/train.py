@@ -22,6 +22,9 @@
 
 from __future__ import annotations
 
+if not __package__:  # ファイルを直接実行した: 下の相対 import の代わりに -m を 1 行で案内する
+    import direct_run  # noqa: F401
+
 import argparse
 import json
 import math
@@ -116,7 +119,8 @@ def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, last: Pat
     return ckpt
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
         description="Fashion-MNIST で DDPM (ε 予測) かフローマッチングのモデル (v 予測) を"
                     "クラス条件付きで学習します",
@@ -175,6 +179,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="学習画像の枚数を制限する (試し用)")
     p.add_argument("--dry-run", action="store_true",
                    help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.resume and args.force:
         p.error("--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)")
