@@ -74,7 +74,8 @@ def bf16_supported(device: torch.device) -> bool:
     AVX2 までの CPU では bf16 の畳み込みが遅い参照実装になり、fp32 より何十倍も遅くなります。
     """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # 古い GPU (T4・V100) のエミュレーションは数えない (数えると True になり、遅くなる)
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
