@@ -62,7 +62,7 @@ SNIPPET_NOISE = re.compile(
     r"Toggle|Show code|Hide code|Copy to clipboard|Click to show|Skip to main|"
     r"コードを表示|出力を表示|クリップボード"
 )
-SCREENSHOT_PAGES = ("book/03_gpu.html", "book/06_diffusion.html")
+SCREENSHOT_PAGES = ("book/03_gpu.html", "book/08_sampling.html")
 SOLUTION_PAGE = "book/04_nn_from_scratch.html"
 # Playwright がブラウザーを起動するときの引数 (Debian の chromium をそのまま使う)
 CHROMIUM_ARGS = ["--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1",

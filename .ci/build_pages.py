@@ -1,6 +1,6 @@
 """執筆中の確認用: 指定した章だけを実行して本全体をビルドします。
 
-    python .ci/build_pages.py book/05_mnist.md [book/06_diffusion.md ...]
+    python .ci/build_pages.py book/05_mnist.md [book/07_ddpm.md ...]
 
 他の章は実行せずに組版するので速く、本全体のビルド (_build/html) にも触れません。
 出力先は、このチェックアウトの _build/pages/<章名>/_build/html です

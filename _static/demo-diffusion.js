@@ -1,4 +1,4 @@
-// 第 6 章「ブラウザーで生成する」: 同梱の UNet (ONNX) で DDIM サンプリングをブラウザーの中で行います。
+// 第 8 章「ブラウザーで生成する」: 同梱の UNet (ONNX) で DDIM サンプリングをブラウザーの中で行います。
 //
 // サンプラーは code/torchbook/diffusion/sampling.py の guided_eps と ddim_step を 1 行ずつ
 // 写したもので、変数名も Python と同じにしています。ᾱ_t、DDIM の時刻、クラス名は
