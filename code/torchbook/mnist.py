@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10, metavar="N",
                    help="エポック数 (既定: 10。0 なら --save-model のモデルを評価するだけ)")
     p.add_argument("--lr", type=float, default=0.01, metavar="LR", help="学習率 (既定: 0.01)")
-    p.add_argument("--seed", type=int, default=1, metavar="S", help="乱数のシード (既定: 1)")
+    p.add_argument("--seed", type=int, default=1, metavar="S", help="シード (既定: 1)")
     p.add_argument("--no-cuda", action="store_true", help="GPU があっても CPU で計算する")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, mps のどれか (既定: cuda → mps → cpu の順に選ぶ)")
