@@ -55,3 +55,39 @@ def test_chapter_title_and_markdown_table(tmp_path):
     assert bookenv.chapter_title(tmp_path / "q.md") == "q"
     table = bookenv.markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2 | y |"]
+
+
+def test_execution_table_includes_section_pages(tmp_path):
+    """節のページ (sections、何段でも) も表と合計に入ります。A4 の合計が章だけだった誤りの検査。"""
+    toc = """
+format: jb-book
+root: book/00_intro
+parts:
+  - caption: 実践
+    chapters:
+      - file: book/05_mnist
+      - file: book/06_diffusion
+        sections:
+          - file: book/06_0_toy
+            sections:
+              - file: book/06_0a_deep
+          - file: book/06_1_eval
+  - caption: 付録
+    chapters:
+      - file: book/A4_environment
+"""
+    (tmp_path / "_toc.yml").write_text(toc, encoding="utf-8")
+    (tmp_path / "book").mkdir()
+    for stem in ["00_intro", "05_mnist", "06_diffusion", "06_0_toy", "06_0a_deep", "06_1_eval",
+                 "A4_environment"]:
+        (tmp_path / "book" / f"{stem}.md").write_text(f"# 題 {stem}\n", encoding="utf-8")
+    assert bookenv.toc_pages(tmp_path / "_toc.yml") == [
+        ("book/00_intro", 0), ("book/05_mnist", 0), ("book/06_diffusion", 0),
+        ("book/06_0_toy", 1), ("book/06_0a_deep", 2), ("book/06_1_eval", 1),
+        ("book/A4_environment", 0)]
+    records = {"05_mnist": 100.0, "06_diffusion": 50.0, "06_0_toy": 70.0, "06_0a_deep": 5.0,
+               "06_1_eval": 200.0, "A4_environment": 1.0}
+    rows, total = bookenv.execution_table(records, tmp_path / "_toc.yml", skip=("A4_environment",))
+    assert total == 425.0  # 章だけなら 150 秒
+    assert [r[1] for r in rows] == ["実行するセルなし", "100.0", "50.0", "70.0", "5.0", "200.0"]
+    assert rows[3][0] == "\u3000└ 題 06_0_toy" and rows[4][0] == "\u3000\u3000└ 題 06_0a_deep"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+import yaml
 
 from booktools import data
 from torchbook.device import describe_device, get_device
@@ -55,6 +56,51 @@ def execution_records(cache_dir: str | os.PathLike = CACHE_DIR) -> dict[str, flo
         if seconds is not None:
             times[Path(uri).stem] = float(seconds)  # 同じ章は新しい記録で上書き
     return times
+
+
+def toc_pages(toc_path: str | os.PathLike = data.REPO_ROOT / "_toc.yml") -> list[tuple[str, int]]:
+    """目次 (_toc.yml) のページを、読む順に (ファイル, 深さ) で返します。
+
+    深さは、最初のページと章が 0、章の中の節が 1、節の中の節が 2 … です。
+    節 (``sections``) は何段でも再帰的にたどるので、節のページも漏れません。
+    """
+    toc = yaml.safe_load(Path(toc_path).read_text(encoding="utf-8"))
+    pages = [(toc["root"], 0)]
+
+    def walk(entries: list[dict], depth: int) -> None:
+        for entry in entries:
+            if "file" in entry:
+                pages.append((entry["file"], depth))
+            walk(entry.get("sections", []), depth + 1)
+
+    for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
+        walk(part.get("chapters", []), 0)
+    return pages
+
+
+def execution_table(
+    records: dict[str, float],
+    toc_path: str | os.PathLike = data.REPO_ROOT / "_toc.yml",
+    skip: tuple[str, ...] = (),
+) -> tuple[list[list[str]], float]:
+    """目次のすべてのページ (節を含む) の実行時間の表の行と、その合計 (秒) を返します。
+
+    ``records`` は :func:`execution_records` の結果、``skip`` は表から除くページの名前です。
+    節のページの見出しは、どの章の節かが分かるように字下げします。
+    """
+    root = Path(toc_path).parent
+    rows, total = [], 0.0
+    for path, depth in toc_pages(toc_path):
+        stem = Path(path).name
+        if stem in skip:
+            continue
+        title = chapter_title(root / f"{path}.md")
+        seconds = records.get(stem)
+        total += seconds or 0.0
+        indent = "\u3000" * depth + ("└ " if depth else "")
+        shown = f"{seconds:.1f}" if seconds is not None else "実行するセルなし"
+        rows.append([indent + title, shown])
+    return rows, total
 
 
 def chapter_title(path: str | os.PathLike) -> str:

@@ -133,7 +133,7 @@ def matmul_gflops(n: int, device: torch.device, repeats: int | None = None) -> f
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """乱数の種をそろえ、できるだけ毎回同じ結果になるように設定します。
+    """シードをそろえ、できるだけ毎回同じ結果になるように設定します。
 
     ``deterministic`` が真なら、cuDNN の自動選択 (benchmark) を止め、
     決定的なアルゴリズムだけを使うよう PyTorch に指示します。
@@ -141,7 +141,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     cuBLAS の設定は CUDA を使い始める前に決まるので、プログラムの最初に呼んでください。
     """
     random.seed(seed)
-    torch.manual_seed(seed)  # CPU と、すべての GPU の乱数の種
+    torch.manual_seed(seed)  # CPU と、すべての GPU のシード
     try:
         import numpy as np  # numpy を使うコードのため (無ければ飛ばす)
 

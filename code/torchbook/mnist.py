@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="エポック数 (0 なら --save-model のモデルを評価するだけ)")
     p.add_argument("--lr", type=float, default=0.01, metavar="LR",
                    help="学習率 (--one-cycle なら最大の学習率)")
-    p.add_argument("--seed", type=int, default=1, metavar="S", help="乱数のシード")
+    p.add_argument("--seed", type=int, default=1, metavar="S", help="シード")
     p.add_argument("--no-cuda", action="store_true", help="GPU があっても CPU で計算する")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, mps のどれか。auto なら cuda → mps → cpu の順に選ぶ")

@@ -40,7 +40,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]  # チャネルごとのバイアスとして足す
+        h = h + self.emb(emb)[:, :, None, None]  # チャンネルごとのバイアスとして足す
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -49,11 +49,11 @@ class UNet(nn.Module):
     """解像度を半分ずつ縮めて戻す UNet (既定では 16×16 → 8×8 → 4×4)。
 
     - ``patch_size``: 最初に画像を patch_size×patch_size の小区画に分け、区画の画素を
-      チャネルに並べ替えます (``pixel_unshuffle``。1×32×32 → 4×16×16)。最後に逆の並べ替え
+      チャンネルに並べ替えます (``pixel_unshuffle``。1×32×32 → 4×16×16)。最後に逆の並べ替え
       (``pixel_shuffle``) で 32×32 に戻します。畳み込みの計算量が 1/4 になり、CPU で
       学習できる速さになります。GPU なら ``patch_size=1`` (32×32 のまま) も選べます。
 
-    - ``channels``: 各解像度のチャネル数 (既定 (32, 64, 128))。
+    - ``channels``: 各解像度のチャンネル数 (既定 (32, 64, 128))。
     - ``num_classes``: クラス数。クラス埋め込みは num_classes + 1 個で、最後の番号
       (= num_classes) が「クラスなし」です (classifier-free guidance 用)。
     - ``objective``: 学習の目的。"eps" (ε を予測する DDPM) か "flow" (速度 v を予測する
