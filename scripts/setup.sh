@@ -148,13 +148,14 @@ fi
 # ---- PDF 版 (jupyter-book build . --builder pdflatex) 用: TeX Live (LuaLaTeX、LuaTeX-ja) など ---- (ここから)
 say "PDF 版の組版 (Debian の TeX Live: LuaLaTeX と LuaTeX-ja、rsvg-convert、poppler-utils)"
 pdf_packages="texlive-luatex texlive-lang-japanese texlive-latex-recommended texlive-latex-extra
-  texlive-fonts-recommended latexmk librsvg2-bin poppler-utils fonts-dejavu-core"
-pdf_tools_ok() {  # コマンド、LuaTeX-ja の本のクラス、LaTeX のパッケージ、コードのフォント
+  texlive-fonts-recommended latexmk librsvg2-bin poppler-utils fonts-dejavu-core fonts-noto-cjk"
+pdf_tools_ok() {  # コマンド、LuaTeX-ja の本のクラス、LaTeX のパッケージ、コードと SVG の図のフォント
   command -v lualatex >/dev/null && command -v latexmk >/dev/null \
     && command -v rsvg-convert >/dev/null && command -v pdffonts >/dev/null \
     && command -v pdftoppm >/dev/null \
     && [ "$(kpsewhich ltjsbook.cls changepage.sty 2>/dev/null | wc -l)" = 2 ] \
-    && fc-list 'DejaVu Sans Mono' 2>/dev/null | grep -q .
+    && fc-list 'DejaVu Sans Mono' 2>/dev/null | grep -q . \
+    && fc-list :lang=ja 2>/dev/null | grep -q .
 }
 if pdf_tools_ok; then
   echo "入っています"
