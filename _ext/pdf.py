@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PDF_NAME = "torchbook.pdf"  # _config.yml の latex.latex_documents.targetname と同じ名前
 SITE_PDF = f"_downloads/{PDF_NAME}"  # サイトの中の置き場所 (どのページからも同じ)
 DEMO = re.compile(r'class="torchbook-demo"[^>]*data-demo="([a-z0-9-]+)"')
+COMMENT = re.compile(r"<!--.*?-->", re.S)
 # text/plain しか残らないとき、その中身がオブジェクトの表示だけなら、PDF では中身が失われる
 OBJECT_REPR = re.compile(r"^<[\w.]+ (object|at 0x[0-9a-f]+)[^>]*>$")
 # myst-nb が LaTeX で選べる出力の形 (text/plain 以外)。SVG は _config.yml で加えたもの
@@ -127,7 +128,7 @@ class PdfDemos(SphinxPostTransform):
             names = demo_names(node.astext())
             if names:
                 node.replace_self(demo_note(self.config, docname, names))
-            elif node.astext().strip():
+            elif COMMENT.sub("", node.astext()).strip():  # コメント (textlint の指示など) は除く
                 logger.warning("生の HTML は PDF に載りません。PDF にも要る内容なら Markdown で"
                                "書くか、_ext/pdf.py で置き換えを決めてください",
                                location=node, type="pdf", subtype="raw_html")

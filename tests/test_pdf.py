@@ -32,7 +32,9 @@ def notebook(extra_html_output: bool) -> dict:
         return {"output_type": "display_data", "data": data, "metadata": {}}
 
     cells = [
-        {"cell_type": "markdown", "metadata": {}, "source": "# 章\n\n## 演習\n\n本文です。\n"},
+        {"cell_type": "markdown", "metadata": {},
+         "source": "# 章\n\n## 演習\n\n<!-- textlint-disable -->\n本文です。\n"
+                   "<!-- textlint-enable -->\n"},
         {"cell_type": "markdown", "metadata": {}, "source": f"```{{raw}} html\n{DEMO}\n```\n"},
         code("show_demo()", [display({
             "text/html": DEMO.replace("mnist", "diffusion"),
