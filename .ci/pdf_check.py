@@ -79,7 +79,7 @@ def pages_with_images(pdf: Path) -> list[int]:
     return pages
 
 
-def sample_pages(pdf: Path, texts: list[str]) -> dict[str, int]:
+def sample_pages(pdf: Path, texts: list[str], log_text: str) -> dict[str, int]:
     """目で確かめるページ (章の始まり、数式、図、コード、表) を選びます。"""
     def first(pattern: str, start: int = 0) -> int | None:
         for i, text in enumerate(texts[start:], start=start):
@@ -103,13 +103,22 @@ def sample_pages(pdf: Path, texts: list[str]) -> dict[str, int]:
             best, best_count = page, count
     if best:
         picked["equations"] = best
-    code = first(r"^\s*import torch", body)
+    # コード: 日本語のコメント (行末の # コメント) が 3 行以上あるページ
+    comment = re.compile(r"^\s*\S.*\s#\s*[\u3040-\u30ff\u4e00-\u9fff]", re.M)
+    code = next((i + 1 for i, t in enumerate(texts) if i + 1 >= body
+                 and len(comment.findall(t)) >= 3), None)
     if code:
         picked["code"] = code
-    table = first(r"^\s*表\s*\d+\.\d+", body)
-    if table:
-        picked["table"] = table
+    # 表: プリアンブル (_config.yml) が、表を出したページの番号をログに書いている
+    tables = [p for p in table_pages(log_text) if p >= body]
+    if tables:
+        picked["table"] = tables[0]
     return picked
+
+
+def table_pages(log_text: str) -> list[int]:
+    """LaTeX のログの「pdfcheck:table:ページ」から、表のあるページ (重複なし、順に)。"""
+    return sorted({int(p) for p in re.findall(r"pdfcheck:table:(\d+)", log_text)})
 
 
 def check_pdf(pdf: Path, log: Path, seconds: int | None, png: Path | None) -> int:
@@ -123,7 +132,8 @@ def check_pdf(pdf: Path, log: Path, seconds: int | None, png: Path | None) -> in
               "実行してください", file=sys.stderr)
         return 2
     errors = []
-    chars = missing_characters(log.read_text(encoding="utf-8", errors="replace"))
+    log_text = log.read_text(encoding="utf-8", errors="replace")
+    chars = missing_characters(log_text)
     if chars:
         errors.append(f"字形の無い文字が {len(chars)} 種類あります ({log}): "
                       + "、".join(chars[:20]))
@@ -147,7 +157,7 @@ def check_pdf(pdf: Path, log: Path, seconds: int | None, png: Path | None) -> in
     if png is not None:
         png.mkdir(parents=True, exist_ok=True)
         texts = page_texts(pdf, pages)
-        for name, page in sample_pages(pdf, texts).items():
+        for name, page in sample_pages(pdf, texts, log_text).items():
             prefix = png / f"{name}-p{page}"
             run("pdftoppm", "-png", "-r", "80", "-singlefile", "-f", str(page), "-l", str(page),
                 str(pdf), str(prefix))
