@@ -175,13 +175,16 @@ def check_html(html: Path) -> int:
               file=sys.stderr)
         return 1
     pages = [p for p in html.rglob("*.html") if "_static" not in p.parts]
-    without = []
+    without: list[str] = []
+    linked = 0
     for page in pages:
         text = page.read_text(encoding="utf-8", errors="replace")
         if "download-book-pdf-button" not in text:
-            if 'class="bd-header-article' in text:  # 本文のページ (検索などの特別なページは除く)
+            # ダウンロードのメニューがあるページ (本文のページ。検索と索引のページには無い)
+            if "download-source-button" in text:
                 without.append(page.relative_to(html).as_posix())
             continue
+        linked += 1
         hrefs = re.findall(r'href="([^"]*torchbook\.pdf)"', text)
         if not hrefs or any((page.parent / h).resolve() != target.resolve() for h in hrefs):
             without.append(f"{page.relative_to(html).as_posix()} (リンク先 {hrefs})")
@@ -190,7 +193,11 @@ def check_html(html: Path) -> int:
               file=sys.stderr)
         return 1
     size_mb = target.stat().st_size / 1e6
-    print(f"サイトの {len(pages)} ページすべてが PDF ({size_mb:.1f} MB) にリンクしています")
+    if linked == 0:
+        print("PDF にリンクしているページがありません", file=sys.stderr)
+        return 1
+    print(f"本文の {linked} ページすべてが PDF ({size_mb:.1f} MB) にリンクしています "
+          f"(ダウンロードのメニューの無い {len(pages) - linked} ページ: 検索、索引)")
     return 0
 
 

@@ -176,13 +176,25 @@ def solution_label(prompt: str) -> str:
 
 
 def _keep_engine(app: Sphinx, config: Config) -> None:
-    # sphinx-jupyterbook-latex (優先度 500) が xelatex に書き換える前の値を覚えておく
-    app.env_pdf_engine = config.latex_engine  # type: ignore[attr-defined]
+    # sphinx-jupyterbook-latex (優先度 500) が書き換える前の値を覚えておく
+    app._pdf_engine = config.latex_engine  # type: ignore[attr-defined]
+    app._pdf_secnum_depth = config.numfig_secnum_depth  # type: ignore[attr-defined]
+
+
+def _keep_environment(app: Sphinx) -> None:
+    """LaTeX のビルドでも、HTML のビルドと同じ設定の環境 (読んだページ) を保ちます。
+
+    sphinx-jupyterbook-latex は LaTeX のビルドのときだけ numfig_secnum_depth を 2 にします。
+    それが保存した環境に残ると、次の HTML のビルドが「設定が変わった」と全ページを読み直します。
+    LaTeX の図や式の番号は LaTeX 自身が付けるので、元の値に戻しても PDF は変わりません。
+    """
+    if app.builder.format == "latex" and hasattr(app, "_pdf_secnum_depth"):
+        app.config.numfig_secnum_depth = app._pdf_secnum_depth
 
 
 def _latex_config(app: Sphinx, config: Config) -> None:
     """sphinx-jupyterbook-latex の後で、組版エンジンとプリアンブルを本書のものにします。"""
-    engine = getattr(app, "env_pdf_engine", None) or config.latex_engine
+    engine = getattr(app, "_pdf_engine", None) or config.latex_engine
     config.latex_engine = engine
     # 日本語のクラス (latex_docclass の ltjsbook) を使う。jupyterBook.cls は欧文の report です
     config.latex_theme = "manual"
@@ -243,6 +255,7 @@ def setup(app: Sphinx) -> dict:
     app.connect("config-inited", _keep_engine, priority=400)
     app.connect("config-inited", _latex_config, priority=600)
     app.connect("builder-inited", _publish)
+    app.connect("builder-inited", _keep_environment, priority=600)
     app.connect("html-page-context", _add_pdf_link, priority=503)
     app.add_post_transform(PdfDemos)
     app.add_post_transform(PdfSolutions)
