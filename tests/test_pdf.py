@@ -55,7 +55,7 @@ def notebook(extra_html_output: bool) -> dict:
 
 
 def build_latex(tmp_path, monkeypatch, *, extra_html_output=False, baseurl="",
-                repository=None):
+                repository=None, **overrides):
     """小さな本を LaTeX にして (.tex の中身, 警告) を返します。"""
     from sphinx.application import Sphinx
 
@@ -76,8 +76,10 @@ def build_latex(tmp_path, monkeypatch, *, extra_html_output=False, baseurl="",
                      "nb_execution_mode": "off", "jblatex_load_imgconverter": False,
                      "latex_engine": "lualatex",
                      "latex_documents": [("index", "book.tex", "本", "著者", "manual")],
+                     **overrides,
                  })
     app.build()
+    build_latex.config = app.config
     return (tmp_path / "out" / "book.tex").read_text(encoding="utf-8"), warnings.getvalue()
 
 
@@ -115,6 +117,14 @@ def test_latex_engine_and_theme_survive_jupyterbook_latex(tmp_path, monkeypatch)
     tex, _ = build_latex(tmp_path, monkeypatch)
     assert "ucharclasses" not in tex  # XeTeX 専用のパッケージを読まない
     assert (tmp_path / "out" / "latexmkrc").read_text().count("lualatex") >= 1
+
+
+def test_latex_build_keeps_the_html_numbering_setting_of_the_environment(tmp_path, monkeypatch):
+    # sphinx-jupyterbook-latex は部を作るとき numfig_secnum_depth を 2 にする。環境に残ると、
+    # 次の HTML のビルドが全ページを読み直すので、元の値 (1) に戻っていること
+    build_latex(tmp_path, monkeypatch, jblatex_captions_to_parts=True)
+    assert build_latex.config.latex_toplevel_sectioning == "part"  # 部は作る
+    assert build_latex.config.numfig_secnum_depth == 1
 
 
 @pytest.mark.parametrize(("prompt", "label"), [
