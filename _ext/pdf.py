@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from docutils import nodes
+from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.config import Config
 from sphinx.transforms.post_transforms import SphinxPostTransform
@@ -104,16 +105,28 @@ class PdfDemos(SphinxPostTransform):
     formats = ("latex",)
 
     def run(self, **kwargs: Any) -> None:
-        docname = self.env.docname
+        # LaTeX では全ページが 1 つの文書にまとまっています。ノードがどのページのものかは、
+        # それを含むいちばん内側の start_of_file (ページの始まり) で決まります。
+        # (Sphinx は children を付け替えるだけで parent を直さないので、上へはたどれない)
+        page: dict[int, str] = {}
+        for start in self.document.findall(addnodes.start_of_file):
+            for node in start.findall(include_self=False):
+                page[id(node)] = start["docname"]
+
+        def docname_of(node: nodes.Node) -> str:
+            return page.get(id(node), self.env.docname)
+
+        bundles = list(self.document.findall(_is_mime_bundle))
+        in_bundle = {id(n) for bundle in bundles for n in bundle.findall()}
         # セルの出力 (形ごとの候補の束) を先に: 束の中の text/html も生の HTML のノードです
-        for bundle in list(self.document.findall(_is_mime_bundle)):
+        for bundle in bundles:
             mimes = {child.get("mime_type"): child for child in bundle.children}
             html = mimes.get("text/html")
             if html is None:
                 continue
             names = demo_names(html.astext())
             if names:
-                bundle.replace_self(demo_note(self.config, docname, names))
+                bundle.replace_self(demo_note(self.config, docname_of(bundle), names))
                 continue
             if any(m in mimes for m in PDF_MIMES):
                 continue
@@ -123,24 +136,15 @@ class PdfDemos(SphinxPostTransform):
                                "出力するか、_ext/pdf.py で置き換えを決めてください",
                                location=bundle, type="pdf", subtype="html_output")
         for node in list(self.document.findall(nodes.raw)):
-            if "html" not in node.get("format", "").split() or _in_mime_bundle(node):
+            if "html" not in node.get("format", "").split() or id(node) in in_bundle:
                 continue
             names = demo_names(node.astext())
             if names:
-                node.replace_self(demo_note(self.config, docname, names))
+                node.replace_self(demo_note(self.config, docname_of(node), names))
             elif COMMENT.sub("", node.astext()).strip():  # コメント (textlint の指示など) は除く
                 logger.warning("生の HTML は PDF に載りません。PDF にも要る内容なら Markdown で"
                                "書くか、_ext/pdf.py で置き換えを決めてください",
                                location=node, type="pdf", subtype="raw_html")
-
-
-def _in_mime_bundle(node: nodes.Node) -> bool:
-    parent = node.parent
-    while parent is not None:
-        if _is_mime_bundle(parent):
-            return True
-        parent = parent.parent
-    return False
 
 
 def _is_mime_bundle(node: nodes.Node) -> bool:

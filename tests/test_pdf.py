@@ -65,7 +65,10 @@ def build_latex(tmp_path, monkeypatch, *, extra_html_output=False, baseurl="",
         monkeypatch.setenv("BOOK_REPOSITORY", repository)
     src = tmp_path / "src"
     src.mkdir(parents=True)
-    (src / "index.ipynb").write_text(json.dumps(notebook(extra_html_output)), encoding="utf-8")
+    # 本の最初のページ (index) と、デモのある章 (chapter): LaTeX では 1 つの文書にまとまる
+    (src / "index.md").write_text("# 本\n\n```{toctree}\nchapter\n```\n", encoding="utf-8")
+    (src / "chapter.ipynb").write_text(json.dumps(notebook(extra_html_output)),
+                                       encoding="utf-8")
     (src / "conf.py").write_text("", encoding="utf-8")
     warnings = StringIO()
     app = Sphinx(str(src), str(src), str(tmp_path / "out"), str(tmp_path / "doctrees"),
@@ -88,7 +91,7 @@ def test_demos_become_a_note_with_the_page_url(tmp_path, monkeypatch):
     # 生の HTML のデモも、セルの HTML 出力のデモも、PDF では注記になる
     assert tex.count("ブラウザーで動くデモ") == 2
     assert "(mnist)" in tex and "(diffusion)" in tex
-    assert r"\sphinxurl{https://example.org/book/index.html}" in tex
+    assert r"\sphinxurl{https://example.org/book/chapter.html}" in tex
     assert "IPython.core.display.HTML" not in tex  # オブジェクトの表示は載せない
     assert "JavaScript が必要です" not in tex
     assert "生の HTML" not in warnings and "HTML だけ" not in warnings
@@ -96,9 +99,9 @@ def test_demos_become_a_note_with_the_page_url(tmp_path, monkeypatch):
 
 def test_demo_note_uses_the_github_pages_url_or_the_page_name(tmp_path, monkeypatch):
     tex, _ = build_latex(tmp_path, monkeypatch, repository="Owner/torchbook")
-    assert r"\sphinxurl{https://owner.github.io/torchbook/index.html}" in tex
+    assert r"\sphinxurl{https://owner.github.io/torchbook/chapter.html}" in tex
     tex, _ = build_latex(tmp_path / "local", monkeypatch)
-    assert r"\sphinxcode{\sphinxupquote{index.html}}" in tex and "sphinxurl" not in tex
+    assert r"\sphinxcode{\sphinxupquote{chapter.html}}" in tex and "sphinxurl" not in tex
 
 
 def test_hidden_solution_code_is_printed_with_a_label(tmp_path, monkeypatch):
