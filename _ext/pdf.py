@@ -71,14 +71,16 @@ def page_address(config: Config, docname: str) -> str:
     return f"{base}{docname}.html" if base else f"{docname}.html"
 
 
-def demo_note(config: Config, docname: str, names: list[str]) -> nodes.admonition:
+def demo_note(config: Config, docname: str, names: list[str],
+              title: str = "") -> nodes.admonition:
     """デモの代わりに PDF に載せる注記。"""
     address = page_address(config, docname)
     note = nodes.admonition(classes=["note", "pdf-demo-note"])
     note += nodes.title("", "ブラウザーで動くデモ")
     para = nodes.paragraph()
+    page = f"Web 版の「{title}」のページ" if title else "Web 版のこのページ"
     para += nodes.Text(f"ここには、ブラウザーの中で動くデモ ({', '.join(names)}) があります。"
-                       "PDF では動かないので、Web 版のこのページで試してください: ")
+                       f"PDF では動かないので、{page}で試してください: ")
     if site_url(config):
         para += nodes.reference(address, address, refuri=address)
     else:
@@ -113,8 +115,10 @@ class PdfDemos(SphinxPostTransform):
             for node in start.findall(include_self=False):
                 page[id(node)] = start["docname"]
 
-        def docname_of(node: nodes.Node) -> str:
-            return page.get(id(node), self.env.docname)
+        def note(node: nodes.Node, names: list[str]) -> nodes.admonition:
+            docname = page.get(id(node), self.env.docname)
+            title = self.env.titles[docname].astext() if docname in self.env.titles else ""
+            return demo_note(self.config, docname, names, title)
 
         bundles = list(self.document.findall(_is_mime_bundle))
         in_bundle = {id(n) for bundle in bundles for n in bundle.findall()}
@@ -126,7 +130,7 @@ class PdfDemos(SphinxPostTransform):
                 continue
             names = demo_names(html.astext())
             if names:
-                bundle.replace_self(demo_note(self.config, docname_of(bundle), names))
+                bundle.replace_self(note(bundle, names))
                 continue
             if any(m in mimes for m in PDF_MIMES):
                 continue
@@ -140,7 +144,7 @@ class PdfDemos(SphinxPostTransform):
                 continue
             names = demo_names(node.astext())
             if names:
-                node.replace_self(demo_note(self.config, docname_of(node), names))
+                node.replace_self(note(node, names))
             elif COMMENT.sub("", node.astext()).strip():  # コメント (textlint の指示など) は除く
                 logger.warning("生の HTML は PDF に載りません。PDF にも要る内容なら Markdown で"
                                "書くか、_ext/pdf.py で置き換えを決めてください",

@@ -91,6 +91,7 @@ def test_demos_become_a_note_with_the_page_url(tmp_path, monkeypatch):
     # 生の HTML のデモも、セルの HTML 出力のデモも、PDF では注記になる
     assert tex.count("ブラウザーで動くデモ") == 2
     assert "(mnist)" in tex and "(diffusion)" in tex
+    assert tex.count("Web 版の「章」のページで試してください") == 2  # デモのあるページの題
     assert r"\sphinxurl{https://example.org/book/chapter.html}" in tex
     assert "IPython.core.display.HTML" not in tex  # オブジェクトの表示は載せない
     assert "JavaScript が必要です" not in tex
