@@ -10,6 +10,7 @@
 3. 折りたたみの解答: ``hide-cell`` のセル (解答のコード) は、sphinx-jupyterbook-latex が PDF から
    消してしまいます。PDF では「解答のコード」という見出しを付けて、そのまま載せます。
    ``:class: dropdown`` の解答 (admonition) は、LaTeX では普通の囲みとして中身ごと出ます。
+   ``hide-input`` のセル (図を描くだけのコード) は、Web 版で閉じているとおり、PDF でも出力だけです。
 4. Web 版の各ページから PDF へのリンク: PDF (``_build/latex/torchbook.pdf``) があるときだけ、
    HTML のビルドがそれをサイトの ``_downloads/torchbook.pdf`` に写し、テーマのダウンロードの
    メニューに「PDF 版 (本全体)」を加えます。PDF が無ければリンクは出さないので、リンク切れは
@@ -33,7 +34,6 @@ from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
 PDF_NAME = "torchbook.pdf"  # _config.yml の latex.latex_documents.targetname と同じ名前
 SITE_PDF = f"_downloads/{PDF_NAME}"  # サイトの中の置き場所 (どのページからも同じ)
 DEMO = re.compile(r'class="torchbook-demo"[^>]*data-demo="([a-z0-9-]+)"')
