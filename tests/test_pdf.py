@@ -39,6 +39,8 @@ def notebook(extra_html_output: bool) -> dict:
         code("show_demo()", [display({
             "text/html": DEMO.replace("mnist", "diffusion"),
             "text/plain": "<IPython.core.display.HTML object>"})]),
+        {"cell_type": "markdown", "metadata": {},
+         "source": "```{admonition} 解答\n:class: dropdown\n解答の説明の文です。\n```\n"},
         code("# 解答のコメント\nanswer = 42", [
             {"output_type": "stream", "name": "stdout", "text": "解答の出力 42\n"}],
             tags=["hide-cell"], prompt="解答のコードを表示"),
@@ -108,6 +110,8 @@ def test_demo_note_uses_the_github_pages_url_or_the_page_name(tmp_path, monkeypa
 def test_hidden_solution_code_is_printed_with_a_label(tmp_path, monkeypatch):
     tex, _ = build_latex(tmp_path, monkeypatch)
     assert "解答のコメント" in tex and "解答の出力 42" in tex
+    # 折りたたみの解答 (dropdown) は、開いた囲みとして中身ごと
+    assert r"\begin{sphinxadmonition}{note}{解答}" in tex and "解答の説明の文です。" in tex
     assert r"\sphinxstylestrong{解答のコード}" in tex  # 折りたたみのボタンの文言からの見出し
 
 
