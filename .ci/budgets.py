@@ -32,6 +32,7 @@ BUDGETS: dict[str, tuple[str, int, int]] = {
     "html": ("HTML の検査", 30, 300),
     "browser": ("ブラウザーの検査", 180, 900),
     "demo": ("デモの照合", 180, 900),
+    "pdf": ("PDF 版", 600, 2400),
     "total": ("CI 全体", 2400, 5000),
 }
 

@@ -17,6 +17,7 @@
 #      ブラウザーのデモを動かす onnxruntime-web)。
 #   5. データ (MNIST と Fashion-MNIST)。ダウンロードできなければオフラインの入手元から作ります。
 #   (CI のブラウザーの検査用に、Debian の chromium と日本語フォントも入れます。)
+#   (PDF 版用に、Debian の TeX Live (LuaLaTeX、LuaTeX-ja)、rsvg-convert、poppler-utils も入れます。)
 # コマンドを渡すと、最後にその環境の中で (PATH の先頭に環境の bin を置いて) 実行します。
 #
 # 環境変数:
@@ -143,6 +144,31 @@ else
   echo "  Debian/Ubuntu: sudo apt-get install chromium fonts-noto-cjk  が必要です (本のビルドとテストには不要)。"
 fi
 # ---- ブラウザーの検査用 (ここまで) ----
+
+# ---- PDF 版 (jupyter-book build . --builder pdflatex) 用: TeX Live (LuaLaTeX、LuaTeX-ja) など ---- (ここから)
+say "PDF 版の組版 (Debian の TeX Live: LuaLaTeX と LuaTeX-ja、rsvg-convert、poppler-utils)"
+pdf_packages="texlive-luatex texlive-lang-japanese texlive-latex-recommended texlive-latex-extra
+  texlive-fonts-recommended latexmk librsvg2-bin poppler-utils fonts-dejavu-core fonts-noto-cjk"
+pdf_tools_ok() {  # コマンド、LuaTeX-ja の本のクラス、LaTeX のパッケージ、コードと SVG の図のフォント
+  command -v lualatex >/dev/null && command -v latexmk >/dev/null \
+    && command -v rsvg-convert >/dev/null && command -v pdffonts >/dev/null \
+    && command -v pdftoppm >/dev/null \
+    && [ "$(kpsewhich ltjsbook.cls changepage.sty 2>/dev/null | wc -l)" = 2 ] \
+    && fc-list 'DejaVu Sans Mono' 2>/dev/null | grep -q . \
+    && fc-list :lang=ja 2>/dev/null | grep -q .
+}
+if pdf_tools_ok; then
+  echo "入っています"
+# 推奨パッケージは入れない (入れると約 520 MB のダウンロード、入れなければ約 190 MB)
+# shellcheck disable=SC2086
+elif apt_install --no-install-recommends $pdf_packages 2>/dev/null && pdf_tools_ok; then
+  echo "入れました"
+else
+  echo "入れられませんでした (Debian 系でない、または root でない)。PDF 版のビルドには"
+  echo "  Debian/Ubuntu: sudo apt-get install --no-install-recommends" $pdf_packages
+  echo "  が必要です (HTML の本のビルドとテストには不要)。"
+fi
+# ---- PDF 版用 (ここまで) ----
 
 say "npm パッケージ (package-lock.json)"
 if command -v npm >/dev/null; then
