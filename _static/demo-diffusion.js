@@ -220,7 +220,7 @@
 
   // ビルドが書き出した x_T から、ここのサンプラーで作った画像と PyTorch の画像の最大の差
   // (画像も返すので、CI は Python の側でも比べ直せます)。
-  // 時間は guidance ごとに、初回 (first_ms) と、続く 4 回の最短 (ms) と中央値 (median_ms)。
+  // 時間はガイダンスの強さごとに、初回 (first_ms) と、続く 4 回の最短 (ms) と中央値 (median_ms)。
   // CI の計算機はほかの仕事と共有なので、予算は timeit と同じく最短の回で比べます。
   window.torchbookDemoTests.diffusion = async () => {
     const { model, sched } = await load(null);

@@ -80,15 +80,11 @@ def test_glossary_has_the_terms_the_text_relies_on():
     assert needed <= heads, f"用語集にない: {sorted(needed - heads)}"
 
 
-# 拡散モデルの用語の規則は、今は本文だけに当てます (コードの docstring の言い換えは未了)
-PROSE_ONLY = {"ガイダンス", "1 ステップ", "ε 予測する", "ε 予測し", "正規分布"}
-
-
 def prh_patterns() -> list[tuple[str, re.Pattern]]:
     """prh.yml の表記の規則を、(正しい表記, Python の正規表現) の組にします。"""
     rules = yaml.safe_load((REPO / "prh.yml").read_text(encoding="utf-8"))["rules"]
     out = []
-    for rule in (r for r in rules if r["expected"] not in PROSE_ONLY):
+    for rule in rules:
         patterns = rule["pattern"] if isinstance(rule["pattern"], list) else [rule["pattern"]]
         for p in patterns:
             regex = re.compile(p[1:-1]) if p.startswith("/") else re.compile(re.escape(p))

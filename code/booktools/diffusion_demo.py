@@ -29,7 +29,7 @@ META_FILE = "diffusion.json"
 TEST_FILE = "diffusion-tests.json"
 STEPS_RANGE = (10, 50)  # デモで選べる DDIM のステップ数
 TEST_STEPS = 20
-TEST_GUIDANCE = (1.0, 1.5)  # guidance なし (条件付きモデルそのもの) とあり
+TEST_GUIDANCE = (1.0, 1.5)  # ガイダンスなし (条件付きモデルそのもの) とあり
 INPUT_NAMES = ["x", "t", "y"]
 OUTPUT_NAMES = ["eps"]
 
@@ -214,7 +214,7 @@ def export_demo(model: UNet, sched: NoiseSchedule, schedule_name: str, out_dir: 
     x = torch.randn(2, model.in_channels, model.image_size, model.image_size, generator=g)
     t = torch.tensor([sched.T - 1, 10])
     y = torch.tensor([label, model.null_class])
-    axes = {name: {0: "N"} for name in INPUT_NAMES + OUTPUT_NAMES}  # N = 1 か 2 (guidance)
+    axes = {name: {0: "N"} for name in INPUT_NAMES + OUTPUT_NAMES}  # N = 1 か 2 (ガイダンス)
     path = export_onnx(model, (x, t, y), out_dir / MODEL_FILE, INPUT_NAMES, OUTPUT_NAMES, axes)
     strip_debug_info(path)
     diff = max(verify_onnx(path, model, (x[:n], t[:n], y[:n])) for n in (1, 2))

@@ -2,7 +2,7 @@
 
 下の層 (ライブラリ): ``schedule`` (ノイズスケジュール)、``unet`` (ε を予測する UNet)、
 ``algorithms`` (DDPM の学習とサンプリングのループ: Ho et al. 2020 の Algorithm 1・2)、
-``sampling`` (DDPM・DDIM・DPM-Solver++・フローの ODE・guidance と既定値)、
+``sampling`` (DDPM・DDIM・DPM-Solver++・フローの ODE・ガイダンスと既定値)、
 ``losses`` (ε 予測とフローマッチングの損失)、``training`` (EMA と学習率のスケジュール)、
 ``toy`` (2 次元の例)、
 ``checkpoint`` (ファイル形式と読み書き)、``data`` (Fashion-MNIST)、``metrics`` (FID・KID と

@@ -23,13 +23,13 @@ def ddpm_train_step(model: nn.Module, sched: NoiseSchedule, x0: torch.Tensor, y:
                     bf16: bool = False) -> float:
     """Algorithm 1 (学習) の繰り返し 1 回。バッチ x_0 の損失を返します (更新の前の値)。
 
-    t ~ 一様、ε ~ N(0, I) を選び、‖ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)‖² の勾配で 1 歩
+    t ~ 一様、ε ~ N(0, I) を選び、‖ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)‖² の勾配で 1 ステップ
     進みます (t と ε の選び方と損失は ``losses.training_loss``)。max_grad_norm を渡すと
     勾配のノルムをそこまでに抑え、bf16=True なら順伝播を bf16 の autocast で計算します。
     """
     with torch.autocast(device_type=x0.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = training_loss(model, sched, x0, y, p_uncond, generator)  # 行 3〜5 の損失
-    return optimizer_step(model, optimizer, loss, max_grad_norm)  # 行 5: 勾配で 1 歩
+    return optimizer_step(model, optimizer, loss, max_grad_norm)  # 行 5: 勾配で 1 ステップ
 
 
 def flow_train_step(model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
@@ -45,7 +45,7 @@ def flow_train_step(model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
                    max_grad_norm: float | None = None) -> float:
-    """損失の勾配で 1 歩進め、損失の値を返します (勾配のノルムは max_grad_norm までに抑える)。"""
+    """損失の勾配で 1 ステップ進め、損失の値を返します (勾配のノルムは max_grad_norm まで)。"""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm is not None:

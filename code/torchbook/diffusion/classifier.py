@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="平行移動の最大画素数 (0〜8)")
     p.add_argument("--label-smoothing", type=options.probability, default=0.0,
                    help="交差エントロピーのラベル平滑化")
-    p.add_argument("--seed", type=int, default=1, help="乱数のシード")
+    p.add_argument("--seed", type=int, default=1, help="シード")
     options.add_device_argument(p)
     p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
     p.add_argument("--bf16", action="store_true", help="bfloat16 の autocast を使う")

@@ -2,7 +2,7 @@
 
 本物の参照画像は Fashion-MNIST のテスト画像 10,000 枚を、クラスごとに半分ずつ
 ``val`` と ``test`` に分けたものです (``metrics.split_matrix``、シード固定)。
-サンプラー (方法・ステップ数・η・guidance) は ``val`` で測って選びます (``--choose``)。
+サンプラー (方法・ステップ数・η・ガイダンス) は ``val`` で測って選びます (``--choose``)。
 ``test`` で測れるのは ``reference``、``chosen``、それに同じチェックポイント・同じ n で
 ``val`` で測り済みのタスクだけです (格子を決めるのは val で、test はそれを報告するだけ)。
 ``--choose`` は FID が最小のもの (``chosen``) と、NFE (ネットワークの評価回数) の予算
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="一度に生成する枚数")
     p.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+",
                    default=[DEFAULT_SEED],
-                   help="サンプラーの乱数のシード (複数なら各シードで測る。FID のばらつきを見る"
+                   help="サンプラーのシード (複数なら各シードで測る。FID のばらつきを見る"
                    f"ため。選ぶのは {DEFAULT_SEED} の結果)")
     p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
     options.add_device_argument(p)

@@ -40,7 +40,7 @@ TASK_HELP = ("reference, chosen, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], dpm:<st
              "euler:<steps>[:<s>], heun:<steps>[:<s>]")
 NFE_BUDGETS = (5, 10, 20, 50, 100)  # best_per_nfe を記録する NFE の予算
 T_DDPM = 1000  # ddpm タスクの NFE (チェックポイントの T。同梱のモデルは 1000)
-DEFAULT_SEED = 1234  # サンプラーの乱数のシードの既定。選ぶ (--choose) のはこのシードの結果
+DEFAULT_SEED = 1234  # サンプラーのシードの既定。選ぶ (--choose) のはこのシードの結果
 
 
 def balanced_labels(n: int) -> torch.Tensor:

@@ -195,7 +195,7 @@ def split_matrix(labels: torch.Tensor, split: str, seed: int = SPLIT_SEED,
 
     返すのは (num_classes, 1 クラスの枚数) の行列で、行 c がクラス c の画像の添字
     (シードで決まる順) です。Fashion-MNIST のテスト画像 10,000 枚なら (10, 500) です。
-    サンプラーの選択 (η・ステップ数・guidance) は val で、選んだものの報告は test で行います。
+    サンプラーの選択 (η・ステップ数・ガイダンス) は val で、選んだものの報告は test で行います。
     """
     if split not in SPLITS:
         raise ValueError(f"split は {' か '.join(SPLITS)} です (受け取ったのは {split!r})")

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-grid", action="store_true", help="各行が 1 クラスの 10 行の格子")
     p.add_argument("--guidance", type=options.nonneg_float, default=DEFAULT_GUIDANCE,
                    help="CFG の強さ s (0 = クラスなし)")
-    p.add_argument("--seed", type=int, default=0, help="乱数のシード (同じなら同じ画像)")
+    p.add_argument("--seed", type=int, default=0, help="シード (同じなら同じ画像)")
     options.add_device_argument(p)
     p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,

@@ -5,7 +5,7 @@
 違うのはデータ (2 次元の点)、ネットワーク (UNet の代わりの MLP)、学習の設定 (学習率、
 p_uncond = 0.5、EMA も勾配の切り詰めもなし) です。
 
-データを等方的なガウス分布の混合 x_0 ~ Σ_k π_k N(μ_k, s² I) にしたのは、ノイズを加えた
+データを等方的な正規分布の混合 x_0 ~ Σ_k π_k N(μ_k, s² I) にしたのは、ノイズを加えた
 分布 p_t も閉じた形で分かるからです。x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε は
 x_t ~ Σ_k π_k N(√ᾱ_t μ_k, (ᾱ_t s² + 1 - ᾱ_t) I) に従います。そのスコア ∇ log p_t(x_t) から、
 理想のノイズ予測 ε*(x_t, t) = -√(1 - ᾱ_t) ∇ log p_t(x_t) を計算できます (``analytic_eps``)。
@@ -27,9 +27,9 @@ from .unet import timestep_embedding
 
 @dataclass(frozen=True)
 class GaussianMixture:
-    """等方的なガウス分布の混合。成分 k は平均 means[k]、標準偏差 std、重み weights[k]。
+    """等方的な正規分布の混合。成分 k は平均 means[k]、標準偏差 std、重み weights[k]。
 
-    labels[k] は成分 k のクラスです (条件付き生成と guidance の例に使います)。
+    labels[k] は成分 k のクラスです (条件付き生成と ガイダンスの例に使います)。
     """
 
     means: torch.Tensor  # (K, D)
@@ -44,7 +44,7 @@ class GaussianMixture:
 
 def ring_mixture(k: int = 8, radius: float = 0.75, std: float = 0.08,
                  num_classes: int = 2) -> GaussianMixture:
-    """半径 radius の円周上に等間隔に並ぶ k 個のガウス分布 (重みは等しい)。
+    """半径 radius の円周上に等間隔に並ぶ k 個の正規分布 (重みは等しい)。
 
     成分 i のクラスは i % num_classes です (既定では隣どうしが別のクラス)。
     既定の大きさでは、点はほぼすべて [-1, 1] に収まります (画像の画素値と同じ範囲。

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="各解像度のチャンネル数 (例: 32,64,128)")
     p.add_argument("--patch-size", type=options.patch_size, default=2,
                    help="UNet が最初に画像を分ける小区画の一辺 (1, 2, 4)")
-    p.add_argument("--seed", type=int, default=0, help="乱数のシード")
+    p.add_argument("--seed", type=int, default=0, help="シード")
     options.add_device_argument(p)
     p.add_argument("--threads", type=options.positive_int, default=None,
                    help="CPU のスレッド数")
