@@ -49,7 +49,7 @@ def guided_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor,
 def ddim_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
     """DDIM で通る時刻 (大きい順、コードの番号 0..T-1)。
 
-    - "trailing" (既定): T-1 から T/steps おきに下る。最初の1 ステップが純粋なノイズに
+    - "trailing" (既定): T-1 から T/steps おきに下る。最初の 1 ステップが純粋なノイズに
       いちばん近い t = T-1 から始まるので、少ないステップでも x_T と食い違いません
       (Lin et al. 2024。diffusers の timestep_spacing="trailing" に当たります)。
     - "leading": 0 から T/steps おきに上る (DDIM の原論文と diffusers の既定)。
@@ -128,7 +128,7 @@ def dpm_solver_pp_2m_step(sched: NoiseSchedule, x_t: torch.Tensor, x0: torch.Ten
     時刻) のものです。
     h = λ_{t'} - λ_t として、線形の部分は厳密に解き、x̂_0 の積分だけを近似します:
 
-    - 1 次 (x0_last が無い最初の1 ステップと、x_0 へ着く最後の1 ステップ。DDIM η=0 と同じ式):
+    - 1 次 (x0_last が無い最初の 1 ステップと、x_0 へ着く最後の 1 ステップ。DDIM η=0 と同じ式):
       x_{t'} = (σ_{t'}/σ_t) x_t + α_{t'} (1 - e^{-h}) x̂_0
     - 2 次 (多段法): 前の x̂_0 との差で傾きを見積もり、r = (λ_t - λ_{t_last}) / h として
       D = x̂_0 + (x̂_0 - x̂_0^{last}) / (2r) を x̂_0 の代わりに使います。
@@ -159,7 +159,7 @@ def flow_step(predict, x: torch.Tensor, t: float, t_next: float,
 
     predict(x, t) が速度 v を返す関数です。オイラー法は始点の傾き v だけを使い
     (1 回の評価)、ホイン法は仮に進んだ先の傾きとの平均を使います (2 回。ただし
-    t_next = 0 の最後の1 ステップはオイラー法)。
+    t_next = 0 の最後の 1 ステップはオイラー法)。
     """
     v = predict(x, t)
     x_next = x + (t_next - t) * v
@@ -223,7 +223,7 @@ def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Te
     - "ddim": steps ステップの DDIM (eta=0 で決定的、時刻の選び方は spacing)。
       既定値 (DEFAULT_*) は CLI と共通です。
     - "dpm++2m": steps ステップの DPM-Solver++(2M) (決定的。時刻は DDIM と同じ spacing、
-      最初と最後の1 ステップは 1 次)。eta は使いません。
+      最初と最後の 1 ステップは 1 次)。eta は使いません。
     - "euler" / "heun": steps ステップで ODE を t = 1 から 0 へ解きます (eta と spacing は
       使いません)。
     - clip: ε 予測のサンプラーで x̂_0 を [-1, 1] に切り詰めるか (既定 True。
