@@ -42,7 +42,7 @@ class NoiseSchedule:
     """β_t から導かれる量をまとめて持つクラス。係数はすべて float64 で計算して保持します。
 
     - ``alphas_cumprod[t]`` = ᾱ_t = Π_{s≤t} (1 - β_s)
-    - ``alphas_cumprod_prev[t]`` = ᾱ_{t-1} (t = 0 では 1。最後の 1 ステップはノイズなしの x_0 へ進む)
+    - ``alphas_cumprod_prev[t]`` = ᾱ_{t-1} (t = 0 では 1。最後の 1 ステップはノイズなしで x_0 へ)
     - ``posterior_variance[t]`` = β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) · β_t
     - ``posterior_mean_coef_x0[t]``, ``posterior_mean_coef_xt[t]``: 事後分布の平均
       μ̃_t = c0 · x_0 + ct · x_t の係数。t = 0 では c0 = 1、ct = 0 です。
