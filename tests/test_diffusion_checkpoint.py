@@ -13,10 +13,9 @@ from torchbook.diffusion import checkpoint
 from torchbook.diffusion.checkpoint import (
     atomic_save,
     load_checkpoint,
-    load_classifier,
     save_checkpoint,
 )
-from torchbook.diffusion.metrics import FashionClassifier
+from torchbook.diffusion.fashion_classifier import FashionClassifier, load_classifier
 
 
 class _Ema:

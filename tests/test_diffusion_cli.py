@@ -19,7 +19,7 @@ from diffusion_fixtures import SRC, WEIGHTS, fashion_root, run_module
 from torchbook.diffusion import classifier, evaluate, evaluation, options, sample, train
 
 LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
-           "toy", "losses", "algorithms", "training", "evaluation", "direct_run"}
+           "toy", "losses", "algorithms", "training", "evaluation", "direct_run", "fashion_classifier"}
 CLIS = {"train", "sample", "evaluate", "classifier"}
 
 

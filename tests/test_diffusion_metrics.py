@@ -5,8 +5,8 @@ import torch
 from diffusion_fixtures import fashion_root
 
 from torchbook.diffusion import metrics
-from torchbook.diffusion.checkpoint import load_classifier
 from torchbook.diffusion.data import load_tensors
+from torchbook.diffusion.fashion_classifier import FEATURE_DIM, FashionClassifier, load_classifier
 
 # ---------------------------------------------------------------- FID
 
@@ -163,11 +163,11 @@ def test_images():
 
 
 def test_shapes_of_logits_and_features():
-    model = metrics.FashionClassifier().eval()
+    model = FashionClassifier().eval()
     x = torch.rand(7, 1, 32, 32) * 2 - 1
     assert model(x).shape == (7, 10)
     feats = metrics.extract_features(model, x, batch_size=3)
-    assert feats.shape == (7, metrics.FEATURE_DIM) and feats.dtype == torch.float64
+    assert feats.shape == (7, FEATURE_DIM) and feats.dtype == torch.float64
     assert not feats.requires_grad
 
 
@@ -220,3 +220,14 @@ def test_shipped_provenance_records_the_split_of_every_number(name):
     clf = json.loads((WEIGHTS / "fashion_classifier.json").read_text("utf-8"))
     assert set(clf["real_reference"]) == {f"{s}@1000" for s in metrics.SPLITS}
     assert "real_floor" not in clf
+
+
+def test_the_classifier_network_lives_beside_its_loader():
+    """特徴を作る分類器のネットワークは読み込み関数と同じモジュールにあり、metrics は指標だけ。"""
+    from torch import nn
+
+    from torchbook.diffusion import fashion_classifier
+
+    assert FashionClassifier.__module__ == load_classifier.__module__ == fashion_classifier.__name__
+    assert not [name for name, v in vars(metrics).items()
+                if isinstance(v, type) and issubclass(v, nn.Module)]

@@ -219,9 +219,10 @@ def measure_live(checkpoint: str | os.PathLike, tasks: list[str], n: int, split:
     import torch
 
     from booktools.data import data_root as default_root
-    from torchbook.diffusion.checkpoint import load_checkpoint, load_classifier
+    from torchbook.diffusion.checkpoint import load_checkpoint
     from torchbook.diffusion.data import load_tensors
     from torchbook.diffusion.evaluation import run_task
+    from torchbook.diffusion.fashion_classifier import load_classifier
 
     model, sched, _ = load_checkpoint(checkpoint)
     clf = load_classifier()

@@ -5,9 +5,9 @@
 ``sampling`` (DDPM・DDIM・DPM-Solver++・フローの ODE・ガイダンスと既定値)、
 ``losses`` (ε 予測とフローマッチングの損失)、``training`` (EMA と学習率のスケジュール)、
 ``toy`` (2 次元の例)、
-``checkpoint`` (ファイル形式と読み書き)、``data`` (Fashion-MNIST)、``metrics`` (FID・KID と
-特徴を作る分類器)、``device`` (デバイスと bf16・channels_last の決定)、``options`` (CLI の
-引数の型と確認)。
+``checkpoint`` (ファイル形式と読み書き)、``data`` (Fashion-MNIST)、``metrics`` (FID・KID)、
+``fashion_classifier`` (特徴を作る分類器とその読み込み)、
+``device`` (デバイスと bf16・channels_last の決定)、``options`` (CLI の引数の型と確認)。
 
 上の層 (CLI、``python -m <このフォルダー>.train`` のように実行): ``train``、``sample``、
 ``evaluate``、``classifier``。CLI はほかの CLI を import しません。

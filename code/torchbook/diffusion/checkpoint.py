@@ -16,7 +16,7 @@
      "rng": torch の乱数の状態, "generator": データを選ぶ乱数の状態,
      "config": 学習の形を決める設定 (再開のときに比べる。train.RUN_SETTINGS)}
 
-分類器 (FID/KID の特徴を作る ``FashionClassifier``) は ``state_dict`` そのものです。
+分類器 (``fashion_classifier.FashionClassifier``) は ``state_dict`` そのものです。
 どちらも隣に同じ名前の ``.json`` (来歴: 実行したコマンド、コミット、測定値) を置きます。
 
 保存は必ず ``atomic_save``: 同じフォルダーの一時ファイルに書いてから ``os.replace`` で
@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .metrics import FashionClassifier
 from .schedule import NoiseSchedule
 from .unet import UNet
 
@@ -46,7 +45,6 @@ FLOW_KIND = "torchbook-flow-v1"
 KINDS = {"eps": DDPM_KIND, "flow": FLOW_KIND}  # 学習の目的 (objective) → 形式の名前
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "ddpm_fashion.pt"
-DEFAULT_CLASSIFIER = WEIGHTS_DIR / "fashion_classifier.pt"
 
 
 # ---------------------------------------------------------------- 書き込み (いつも原子的に)
@@ -184,27 +182,6 @@ def restore_training(ckpt: dict, model: nn.Module, ema, optimizer: torch.optim.O
     torch.set_rng_state(ckpt["rng"])
     generator.set_state(ckpt["generator"])
     return ckpt["step"]
-
-
-def load_classifier(path: str | os.PathLike | None = None,
-                    device: str | torch.device = "cpu") -> FashionClassifier:
-    """学習済みの分類器を読み込み、評価モード (eval) で返します。
-
-    ``path`` を省くと、このフォルダーの ``weights/fashion_classifier.pt`` を読みます。
-    """
-    path = Path(path) if path is not None else DEFAULT_CLASSIFIER
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"分類器の重み {path} がありません。このフォルダーの classifier モジュールで"
-            "学習して保存するか、path に分類器の重みを渡してください")
-    state = read_checkpoint(path)
-    model = FashionClassifier()
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} は FashionClassifier の重みではありません (構造が違います)"
-                         ) from e
-    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------- 来歴

@@ -13,8 +13,8 @@ FID や KID は「画像をある特徴空間に写し、本物と生成物の�
     python -m torchbook.diffusion.classifier --data-root data --epochs 10 --threads 1 \\
         --save runs/fashion_classifier.pt
 
-モデル (``FashionClassifier``) は ``metrics``、読み込み (``load_classifier``) は
-``checkpoint`` にあり、ここには学習の CLI だけがあります。
+モデル (``FashionClassifier``) と読み込み (``load_classifier``) は ``fashion_classifier``
+にあり、ここには学習の CLI だけがあります。
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from .checkpoint import (
     atomic_write_text,
     command_line,
     git_commit,
-    load_classifier,
 )
 from .data import load_tensors
 from .device import get_device
-from .metrics import FEATURE_DIM, SPLITS, FashionClassifier, real_reference
+from .fashion_classifier import FEATURE_DIM, FashionClassifier, load_classifier
+from .metrics import SPLITS, real_reference
 
 DEFAULT_SAVE = Path("runs") / "fashion_classifier.pt"
 

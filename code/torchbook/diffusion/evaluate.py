@@ -42,7 +42,6 @@ from .checkpoint import (
     DEFAULT_CHECKPOINT,
     command_line,
     load_checkpoint,
-    load_classifier,
     objective_of,
     read_diffusion,
 )
@@ -59,6 +58,7 @@ from .evaluation import (
     run_task,
     task_objective,
 )
+from .fashion_classifier import load_classifier
 from .metrics import SPLIT_SEED, SPLITS
 from .sampling import DEFAULT_STEPS
 
