@@ -26,7 +26,7 @@ class LatentUNet(nn.Module):
     クラスの番号 num_classes が「条件なし」(空の名前) です (classifier-free guidance 用)。
     """
 
-    def __init__(self, in_channels: int = 4, channels: tuple[int, ...] = (64, 128),
+    def __init__(self, in_channels: int = 4, channels: tuple[int, ...] = (32, 64),
                  image_size: int = 8, num_classes: int = 10, groups: int = 8,
                  heads: int = 4, context_dim: int = 64) -> None:
         super().__init__()

@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DDPM のノイズスケジュール (--objective flow では使いません)")
     p.add_argument("--T", type=options.positive_int, default=1000, help="拡散のステップ数")
     p.add_argument("--channels", type=options.channel_list, default=None,
-                   help="各解像度のチャンネル数 (既定: 画素は 32,64,128、--latent は 64,128)")
+                   help="各解像度のチャンネル数 (既定: 画素は 32,64,128、--latent は 32,64)")
     p.add_argument("--patch-size", type=options.patch_size, default=2)
     p.add_argument("--seed", type=int, default=0)
     options.add_device_argument(p)
@@ -167,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--latent: {e}")
     args.objective = args.objective or "eps"
     if args.channels is None:
-        args.channels = (64, 128) if args.latent else (32, 64, 128)
+        args.channels = (32, 64) if args.latent else (32, 64, 128)
     if args.resume and args.force:
         p.error("--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)")
     if args.dry_run:
