@@ -17,7 +17,9 @@
         --tasks reference chosen --out runs/eval.json
 
 タスク: ``reference`` (同じ枚数の本物どうしの FID とそのばらつき)、``chosen`` (JSON の
-``selection`` で選ばれたサンプラー)。ε を予測する DDPM のチェックポイントには
+``selection`` で選ばれたサンプラー)、``reconstruction`` (潜在拡散のチェックポイントだけ:
+本物の組 1 を自己符号化器に通して戻した画像と参照集合の FID。潜在のモデルが越えられない下限)。
+ε を予測する DDPM のチェックポイントには
 ``ddim:<steps>[:<eta>[:<s>]]``、``dpm:<steps>[:<s>]`` (DPM-Solver++ 2M)、``ddpm[:<s>]``
 (1000 ステップ)、フローマッチングのチェックポイントには ``euler:<steps>[:<s>]`` と
 ``heun:<steps>[:<s>]`` です。省いた値は sample() と同じ既定値です。
@@ -46,6 +48,7 @@ import torch
 from . import options
 from .checkpoint import (
     DEFAULT_CHECKPOINT,
+    LATENT_FLOW_KIND,
     atomic_write_text,
     command_line,
     load_checkpoint,
@@ -79,8 +82,8 @@ except ImportError:  # Windows
     fcntl = None
 
 DEFAULT_OUT = Path("runs") / "ddpm_eval.json"
-TASK_HELP = ("reference, chosen, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], dpm:<steps>[:<s>], "
-             "euler:<steps>[:<s>], heun:<steps>[:<s>]")
+TASK_HELP = ("reference, chosen, reconstruction, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], "
+             "dpm:<steps>[:<s>], euler:<steps>[:<s>], heun:<steps>[:<s>]")
 NFE_BUDGETS = (5, 10, 20, 50, 100)  # best_per_nfe を記録する NFE の予算
 T_DDPM = 1000  # ddpm タスクの NFE (チェックポイントの T。同梱のモデルは 1000)
 DEFAULT_SEED = 1234  # サンプラーの乱数のシードの既定。選ぶ (--choose) のはこのシードの結果
@@ -93,7 +96,7 @@ def balanced_labels(n: int) -> torch.Tensor:
 
 def parse_task(task: str) -> dict:
     """タスク名を ``sample`` の引数に直します ("reference" と "chosen" は名前だけの辞書)。"""
-    if task in ("reference", "chosen"):
+    if task in ("reference", "chosen", "reconstruction"):
         return {"task": task}
     name, *args = task.split(":")
     try:
@@ -129,15 +132,15 @@ def parse_task(task: str) -> dict:
 
 
 def task_nfe(kwargs: dict, T: int = T_DDPM) -> int:
-    """タスクのネットワーク評価回数 (reference は 0)。"""
-    if kwargs["task"] == "reference":
+    """タスクのネットワーク評価回数 (reference と reconstruction は 0)。"""
+    if kwargs["task"] in ("reference", "reconstruction"):
         return 0
     return nfe(kwargs["method"], kwargs.get("steps", 0), T)
 
 
 def task_objective(kwargs: dict) -> str | None:
-    """タスクが要るモデルの種類: "flow"、"eps"、どちらでもよい reference なら None。"""
-    if kwargs["task"] == "reference":
+    """タスクが要るモデルの種類: "flow"、"eps"、サンプラーを使わないタスクなら None。"""
+    if kwargs["task"] in ("reference", "reconstruction"):
         return None
     return "flow" if kwargs["method"] in FLOW_METHODS else "eps"
 
@@ -196,7 +199,8 @@ def choose(path: Path, n: int, command: str) -> dict:
     """
     ev = read_json(path).get("eval", {})
     vals = [v for v in ev.values()
-            if v.get("split") == "val" and v.get("n") == n and v.get("task") != "reference"
+            if v.get("split") == "val" and v.get("n") == n
+            and v.get("task") not in ("reference", "reconstruction")
             and v.get("sampler_seed", DEFAULT_SEED) == DEFAULT_SEED]
     cands = {v["task"]: v["fid"] for v in vals}
     if not cands:
@@ -226,6 +230,16 @@ def run_task(kwargs: dict, model, sched, clf, images: torch.Tensor, labels: torc
     if kwargs["task"] == "reference":
         res = real_reference(clf, images, labels, split, n)
         return {**res, "seconds": time.time() - t0, "method": "reference", "nfe": 0}
+    if kwargs["task"] == "reconstruction":  # 本物の組 1 → 自己符号化器 → 参照集合 (組 0) と比べる
+        blocks = balanced_blocks(labels, split, n)
+        ae = model.autoencoder
+        x = torch.cat([ae.decode(ae.encode(images[b].to(device))).cpu()
+                       for b in blocks[1].split(batch_size)])
+        res = score_samples(clf, x, images[blocks[0]])
+        res.update(seconds=time.time() - t0, method="reconstruction", nfe=0,
+                   accuracy=classifier_accuracy(clf, x, labels[blocks[1]]),
+                   mse=torch.mean((x - images[blocks[1]]) ** 2).item())
+        return res
     y = balanced_labels(n)
     sample_kwargs = {k: v for k, v in kwargs.items() if k != "task"}
     x = sample_many(model, sched, n, batch_size=batch_size, seed=seed, y=y, device=device,
@@ -277,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.parsed = [parse_task(t) for t in args.tasks]
     except ValueError as e:
         p.error(str(e))
-    allowed_on_test = {"reference"}  # val で選んだもの (chosen) もここに足す
+    allowed_on_test = {"reference", "reconstruction"}  # val で選んだもの (chosen) もここに足す
     if any(k["task"] == "chosen" for k in args.parsed):
         sel = read_json(args.out).get("selection")
         if not sel:
@@ -290,9 +304,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.classifier is not None and not Path(args.classifier).is_file():
         p.error(f"--classifier {args.classifier} がありません")
     try:
-        objective = objective_of(read_diffusion(args.checkpoint))
+        ckpt = read_diffusion(args.checkpoint)
     except ValueError as e:
         p.error(str(e))
+    objective = objective_of(ckpt)
+    if any(k["task"] == "reconstruction" for k in args.parsed) and \
+            ckpt["kind"] != LATENT_FLOW_KIND:
+        p.error(f"タスク reconstruction は潜在拡散のチェックポイント ({LATENT_FLOW_KIND}) だけです "
+                f"(--checkpoint {args.checkpoint} は {ckpt['kind']})")
     for k in args.parsed:
         need = task_objective(k)
         if need is not None and need != objective:
