@@ -65,7 +65,7 @@ def test_loss_is_reconstruction_plus_beta_kl():
 
 
 def test_tiny_training_reconstructs_and_kl_weight_matters():
-    """同じ学習で β を大きくすると KL が小さくなる (潜在が N(0, I) に近づく) 代わりに再構成が悪い。"""
+    """β を大きくすると KL が小さくなる (潜在が N(0, I) に近づく) 代わりに再構成が悪くなる。"""
     x = blobs(32)
     results = {}
     for beta in (1e-3, 3.0):
@@ -91,7 +91,7 @@ def test_tiny_training_reconstructs_and_kl_weight_matters():
 
 
 def test_round_trip_does_not_depend_on_latent_scale():
-    """latent_scale は encode で掛けて decode で割るだけ: 往復の画像は変わらず、z の大きさだけ変わる。"""
+    """latent_scale は encode で掛け decode で割るだけ: 往復の画像は同じで z の大きさが変わる。"""
     torch.manual_seed(0)
     model = Autoencoder(4, width=16).eval()
     x = blobs(8)
