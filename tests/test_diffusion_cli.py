@@ -18,8 +18,8 @@ from diffusion_fixtures import SRC, WEIGHTS, fashion_root, run_module
 from torchbook.diffusion import classifier, evaluate, options, sample, train
 
 LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
-           "toy", "losses", "algorithms"}
-CLIS = {"train", "sample", "evaluate", "classifier"}
+           "toy", "losses", "algorithms", "autoencoder", "conditioning", "latent"}
+CLIS = {"train", "sample", "evaluate", "classifier", "train_autoencoder"}
 
 
 def local_imports(path: Path) -> set[str]:
