@@ -6,7 +6,9 @@
    どちらも同じ形式 (fp32 / channels_last / bf16) をすべて試し、それぞれの最速どうしを比べます。
 2. 時刻埋め込みが学習ステップに占める割合。
 3. 生成の速さ: DDIM 50 ステップと DDPM 1000 ステップの 1 枚あたりの時間。
-4. 来歴 JSON の評価 (evaluate CLI): val で選んだサンプラーと、test での 1 回の測定。
+4. 来歴 JSON の評価 (evaluate CLI): val で選んだサンプラーと、その test の値。選ぶのは
+   val だけです。test は val で測った候補のすべてについて記録してありますが、どの選択も
+   test の値を読みません。
 5. FID と NFE の表 (来歴 JSON から): DDIM η=0・η=1、DPM-Solver++ 2M (ddpm_fashion.json)、
    フローマッチングの Euler・Heun (flow_fashion.json があれば)。val と test の各 FID の隣に、
    同じ n の本物どうしの参照水準との比を並べます (``booktools.sampler_table``)。
@@ -39,11 +41,12 @@ from booktools.sampler_table import (
     fid_nfe_table,
     format_table,
     measure_live,
+    ratio_text,
     read_evals,
 )
 from torchbook.diffusion.checkpoint import DEFAULT_CHECKPOINT, WEIGHTS_DIR, load_checkpoint
 from torchbook.diffusion.device import bf16_supported
-from torchbook.diffusion.evaluate import parse_task
+from torchbook.diffusion.evaluation import parse_task
 from torchbook.diffusion.losses import training_loss
 from torchbook.diffusion.sampling import sample
 from torchbook.diffusion.schedule import NoiseSchedule
@@ -56,7 +59,11 @@ LATENT_BUDGETS = (5, 10, 20, 50)
 LIVE_TASKS = {DEFAULT_CHECKPOINT: ["ddim:10:0", "ddim:10:1", "dpm:10"],
               FLOW_CHECKPOINT: ["euler:10", "heun:5"]}  # NFE 10 (Heun は 9) のセル
 
-# ------------------------------------------------ 入門記事のモデル (記事に書かれたとおり)
+# ------------------------------------------------ 引用: 入門記事のモデル
+# ここから「引用ここまで」までは、入門記事「ちょい調べた!拡散モデルとは?【実装編】」(note の
+# 記事、book/references.bib の src_ddpm_article) のコードをほぼそのまま引用したものです
+# (言い換えではありません。名前の頭に Article / article_ を付けただけです)。同じ条件で速さを
+# 比べるためだけに引用しており、このリポジトリの MIT ライセンスの対象ではありません。
 
 
 def article_time_embedding(time_steps, time_dim, device="cpu"):
@@ -110,6 +117,9 @@ class ArticleUNetWithTime(nn.Module):
         x = self.up_conv2(torch.cat([self.up_sample(x), x2], 1), t)
         x = self.up_conv1(torch.cat([self.up_sample(x), x1], 1), t)
         return self.out(x)
+
+
+# ------------------------------------------------ 引用ここまで
 
 
 def n_params(m: nn.Module) -> int:
@@ -189,17 +199,18 @@ def fid_nfe_report(n: int, guidance: float | None, live_n: int | None) -> None:
     print(f"\nFID と NFE (来歴 JSON {', '.join(found)}、n = {n}、guidance s = {guidance:g}。"
           "比 = FID ÷ 同じ split・n の本物どうしの FID の平均)")
     print(format_table(rows) if rows else "  (この n と s で測った結果がありません)")
+    print("  (シードを変えて測ったセルは、比の平均と [最小–最大]。選ぶのは既定のシードの val)")
     best = best_per_budget(rows)
     for b, (name, cell) in best.items():
         goal = f" (目標 {GOALS[b]:.1f}×: {'達成' if cell['ratio'] <= GOALS[b] else '未達'})" \
             if b in GOALS else ""
         print(f"  NFE ≤ {b:>3}: val で選んだ {name} {cell['task']} の test の比 "
-              f"{cell['ratio']:.2f}×{goal}")
+              f"{ratio_text(cell)}{goal}")
     overall = best_overall(rows)
     if overall:
         name, cell = overall
         ok = "達成" if cell["ratio"] <= GOAL_OVERALL else "未達"
-        print(f"  全体: val で選んだ {name} {cell['task']} の test の比 {cell['ratio']:.2f}× "
+        print(f"  全体: val で選んだ {name} {cell['task']} の test の比 {ratio_text(cell)} "
               f"(目標 {GOAL_OVERALL:.1f}×: {ok})")
     if not live_n:
         return
@@ -403,7 +414,7 @@ def main() -> None:
             print(f"  {task:<16} val FID {fid:5.2f}{mark}")
         test, test_ref = ev.get(f"test/{sel['chosen']}@{n}"), ev.get(f"test/reference@{n}")
         if test and test_ref:
-            print(f"→ test ({n} 枚、1 回だけ): {sel['chosen']} の FID {test['fid']:.2f}、"
+            print(f"→ 選んだ {sel['chosen']} の test ({n} 枚) の FID {test['fid']:.2f}、"
                   f"本物どうし {test_ref['fid_min']:.2f}〜{test_ref['fid_max']:.2f}")
     fid_nfe_report(args.n, args.guidance, args.live_n)
 

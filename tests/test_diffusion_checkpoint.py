@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusion_fixtures import WEIGHTS, tiny_unet
@@ -102,3 +104,57 @@ def test_load_classifier_errors(tmp_path):
 def test_command_line_uses_the_module_name_as_run():
     assert checkpoint.command_line("diffusion.train", ["--steps", "2", "a b"]) == \
         "python -m diffusion.train --steps 2 'a b'"
+
+
+def test_atomic_write_gives_normal_permissions_and_keeps_the_old_file(tmp_path):
+    """一時ファイル (mkstemp) の 0600 ではなく、umask に従う普通の権限で書く。"""
+    import os
+
+    from torchbook.diffusion.checkpoint import atomic_write, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~0o022
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+        assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+    def full_disk(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64")
+
+    with pytest.raises(OSError, match="前のファイルはそのまま") as e:
+        atomic_write(tmp_path / "a.json", full_disk)
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "a.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # 一時ファイルなし
+
+
+def test_train_under_a_file_size_limit_says_the_checkpoint_is_kept(tmp_path):
+    """ファイルの大きさの上限 (RLIMIT_FSIZE) で保存に失敗しても、1 行で伝え last.pt を残す。"""
+    resource = pytest.importorskip("resource")
+    import signal
+    import subprocess
+    import sys
+
+    from diffusion_fixtures import fashion_root
+
+    args = ["--data-root", str(fashion_root()), "--out", str(tmp_path), "--channels", "16,32",
+            "--threads", "1", "--limit", "64", "--batch-size", "8", "--device", "cpu",
+            "--no-bf16"]
+    run = [sys.executable, "-m", "torchbook.diffusion.train", *args]
+    assert subprocess.run([*run, "--steps", "1"], capture_output=True).returncode == 0
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def limit():  # 上限を超えた書き込みは、シグナルで落ちずに EFBIG になるようにする
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    r = subprocess.run([*run, "--steps", "2", "--resume", "--extend"], capture_output=True,
+                       text=True, preexec_fn=limit, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "前のファイルはそのまま" in r.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "last.pt").read_bytes() == before

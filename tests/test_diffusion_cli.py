@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import hashlib
 import json
@@ -15,10 +16,19 @@ import pytest
 import torch
 from diffusion_fixtures import SRC, WEIGHTS, fashion_root, run_module
 
-from torchbook.diffusion import classifier, evaluate, options, sample, train
+from torchbook.diffusion import (
+    classifier,
+    evaluate,
+    evaluation,
+    options,
+    sample,
+    train,
+    train_autoencoder,
+)
 
 LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
-           "toy", "losses", "algorithms", "autoencoder", "conditioning", "latent"}
+           "toy", "losses", "algorithms", "training", "evaluation", "direct_run",
+           "autoencoder", "conditioning", "latent"}
 CLIS = {"train", "sample", "evaluate", "classifier", "train_autoencoder"}
 
 
@@ -225,7 +235,7 @@ def test_classifier_default_save_is_not_the_shipped_file():
 
 def _write_keys(path: str, prefix: str, n: int) -> None:
     for i in range(n):
-        evaluate.add_entry(Path(path), f"{prefix}{i}", {"fid": float(i)})
+        evaluation.add_entry(Path(path), f"{prefix}{i}", {"fid": float(i)})
 
 
 def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
@@ -245,12 +255,12 @@ def test_evaluate_json_updates_from_parallel_processes_are_all_kept(tmp_path):
 
 def test_evaluate_tasks_parse_and_reject_typos(capsys, tmp_path):
     out = ["--out", str(tmp_path / "e.json")]
-    assert evaluate.parse_task("reference") == {"task": "reference"}
-    d = evaluate.parse_task("ddim:20")
+    assert evaluation.parse_task("reference") == {"task": "reference"}
+    d = evaluation.parse_task("ddim:20")
     assert (d["steps"], d["eta"], d["guidance_scale"], d["task"]) == (20, 1.0, 1.0, "ddim:20:1:1")
-    assert evaluate.parse_task("ddim:50:0:2.5")["task"] == "ddim:50:0:2.5"
-    assert evaluate.parse_task("ddpm")["method"] == "ddpm"
-    for bad in ["ddim", "ddim:x", "ddpm:3:1", "ddim:1:2:3:4", "floor", "ddim:0"]:
+    assert evaluation.parse_task("ddim:50:0:2.5")["task"] == "ddim:50:0:2.5"
+    assert evaluation.parse_task("ddpm")["method"] == "ddpm"
+    for bad in ["ddim", "ddim:x", "ddpm:3:1", "ddim:1:2:3:4", "floors", "ddim:0"]:
         with pytest.raises(SystemExit):
             evaluate.parse_args([*out, "--tasks", "reference", bad])
         assert "ddim:<steps>[:<eta>[:<s>]]" in capsys.readouterr().err
@@ -268,8 +278,8 @@ def test_choose_picks_the_lowest_val_fid_only(tmp_path):
     rows = [("a", "val", "ddim:10:1:1", 3.0), ("b", "val", "ddim:50:1:1", 2.0),
             ("c", "test", "ddim:20:1:1", 0.5), ("d", "val", "reference", 0.9)]
     for key, split, task, fid in rows:
-        evaluate.add_entry(path, key, {"split": split, "task": task, "fid": fid, "n": 100})
-    sel = evaluate.choose(path, 100, "cmd")
+        evaluation.add_entry(path, key, {"split": split, "task": task, "fid": fid, "n": 100})
+    sel = evaluation.choose(path, 100, "cmd")
     assert sel["chosen"] == "ddim:50:1:1" and set(sel["candidates"]) == {"ddim:10:1:1",
                                                                          "ddim:50:1:1"}
     args = evaluate.parse_args(["--out", str(path), "--n", "100", "--split", "test",
@@ -287,3 +297,107 @@ def test_reference_counts_are_checked_by_one_argparse_type(text, tmp_path, capsy
         classifier.parse_args(["--save", str(tmp_path / "c.pt"), "--reference", text])
     assert e.value.code == 2 and "argument --reference" in capsys.readouterr().err
     assert options.reference_count("2500") == 2500 and options.reference_count("20") == 20
+
+
+def _refusal(capsys, fn, *args) -> tuple[int | str, str]:
+    """fn(*args) が SystemExit で止まることを確かめ、(終了コード, 出力の最後の 1 行) を返します。"""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    out = capsys.readouterr()
+    lines = (out.err or out.out).strip().splitlines()
+    if isinstance(e.value.code, str):  # SystemExit("...") はメッセージそのもの
+        lines = e.value.code.strip().splitlines()
+    assert len(lines) >= 1 and "Traceback" not in out.err
+    return e.value.code, lines[-1]
+
+
+def test_offline_download_says_the_download_failed(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code, line = _refusal(capsys, train.main,
+                          ["--data-root", str(tmp_path / "data"), "--download",
+                           "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cpu"])
+    assert "ダウンロードできませんでした" in code and "壊れて" not in code
+    assert "\n" not in code and "コピー" in code
+
+
+def test_classifier_refuses_truncated_files_before_training(tmp_path, capsys):
+    import shutil
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    shutil.copytree(fashion_root() / "FashionMNIST" / "raw", raw)
+    f = raw / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:1000])  # 途中で切れたファイル
+    code, line = _refusal(capsys, classifier.main,
+                          ["--data-root", str(tmp_path), "--save", str(tmp_path / "c.pt"),
+                           "--device", "cpu"])
+    assert isinstance(code, str) and "\n" not in code and "FashionMNIST" in code
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_sample_refuses_more_steps_than_the_schedule_has(capsys):
+    code, line = _refusal(capsys, sample.parse_args, ["--steps", "2000", "--out",
+                                                      "never_written.png"])
+    assert code == 2 and "--steps" in line and "1000" in line
+
+
+def test_running_a_cli_file_directly_says_to_use_dash_m():
+    import subprocess
+    import sys
+
+    for name in sorted(CLIS):
+        r = subprocess.run([sys.executable, str(SRC / f"{name}.py"), "--help"],
+                           capture_output=True, text=True, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and f"-m torchbook.diffusion.{name}" in (
+            lines[0]), r.stderr
+
+
+def test_every_recorded_command_parses_with_its_cli(tmp_path):
+    """同梱の来歴 JSON にある CLI のコマンドは、今の CLI の parser でそのまま読める。"""
+    import shlex
+
+    commands = []
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k == "command" and isinstance(v, str) and "torchbook.diffusion." in v:
+                    commands.append(v)
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    for path in WEIGHTS.glob("*.json"):
+        walk(json.loads(path.read_text("utf-8")))
+    assert len(commands) > 20
+    for command in sorted(set(commands)):
+        words = shlex.split(command)
+        module = words[words.index("-m") + 1].rsplit(".", 1)[1]
+        p = {"train": train, "sample": sample, "evaluate": evaluate,
+             "classifier": classifier, "train_autoencoder": train_autoencoder}[module]
+        args = words[words.index("-m") + 2:]
+        parser = p.build_parser()
+        parser.parse_args(args)  # 使えない引数やタスク名は SystemExit で落ちる
+        if module == "evaluate":
+            for task in getattr(parser.parse_args(args), "tasks", []):
+                evaluation.parse_task(task)
+    # 古いタスク名 (eval_legacy のコマンド) は今の名前に直る
+    assert evaluation.parse_task("floor") == {"task": "reference"}
+    assert evaluation.parse_task("guidance:3:1")["task"] == "ddim:50:1:3"
+
+
+def test_the_four_clis_share_their_conventions():
+    """--help は既定値を示し、どの引数にも説明があり、--device の既定は自動。"""
+    for module in (train, sample, evaluate, classifier, train_autoencoder):
+        p = module.build_parser()
+        assert p.formatter_class is argparse.ArgumentDefaultsHelpFormatter, module.__name__
+        assert not [a.option_strings for a in p._actions if not a.help], module.__name__
+        device = next(a for a in p._actions if "--device" in a.option_strings)
+        assert device.default is None, module.__name__  # None = get_device() が選ぶ

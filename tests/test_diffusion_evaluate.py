@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from diffusion_fixtures import WEIGHTS, fashion_root, tiny_unet
 
-from torchbook.diffusion import evaluate, sample
+from torchbook.diffusion import evaluate, evaluation, sample
 from torchbook.diffusion.checkpoint import save_checkpoint
 
 
@@ -26,14 +26,14 @@ def tiny_checkpoint(path: Path, objective: str) -> Path:
 
 
 def test_new_tasks_parse_with_canonical_names(capsys, tmp_path):
-    d = evaluate.parse_task("dpm:10")
+    d = evaluation.parse_task("dpm:10")
     assert (d["method"], d["steps"], d["guidance_scale"], d["task"]) == ("dpm++2m", 10, 1.0,
                                                                          "dpm:10:1")
-    assert evaluate.parse_task("heun:5:1.5")["task"] == "heun:5:1.5"
-    assert evaluate.task_nfe(evaluate.parse_task("heun:5")) == 9
-    assert evaluate.task_nfe(evaluate.parse_task("euler:5")) == 5
-    assert evaluate.task_nfe(evaluate.parse_task("dpm:20:2")) == 20
-    assert evaluate.task_nfe(evaluate.parse_task("ddpm")) == 1000
+    assert evaluation.parse_task("heun:5:1.5")["task"] == "heun:5:1.5"
+    assert evaluation.task_nfe(evaluation.parse_task("heun:5")) == 9
+    assert evaluation.task_nfe(evaluation.parse_task("euler:5")) == 5
+    assert evaluation.task_nfe(evaluation.parse_task("dpm:20:2")) == 20
+    assert evaluation.task_nfe(evaluation.parse_task("ddpm")) == 1000
     for bad in ["dpm", "dpm:0", "dpm:10:1:1", "euler:x", "heun:3:nan", "rk4:10"]:
         with pytest.raises(SystemExit) as e:
             evaluate.parse_args(["--out", str(tmp_path / "e.json"), "--tasks", bad])
@@ -66,8 +66,8 @@ def _entry(split, task, n, fid, ckpt="ddpm_fashion.pt", **extra):
 
 def test_test_split_reports_only_what_val_measured(capsys, tmp_path):
     path = tmp_path / "e.json"
-    evaluate.add_entry(path, "val/dpm:10:1@100", _entry("val", "dpm:10:1", 100, 3.0))
-    evaluate.add_entry(path, "val/ddim:20:1:1@100", _entry("val", "ddim:20:1:1", 100, 2.0,
+    evaluation.add_entry(path, "val/dpm:10:1@100", _entry("val", "dpm:10:1", 100, 3.0))
+    evaluation.add_entry(path, "val/ddim:20:1:1@100", _entry("val", "ddim:20:1:1", 100, 2.0,
                                                            ckpt="other.pt"))
     base = ["--out", str(path), "--split", "test"]
     args = evaluate.parse_args([*base, "--n", "100", "--tasks", "reference", "dpm:10"])
@@ -87,11 +87,11 @@ def test_choose_records_the_best_task_per_nfe_budget(tmp_path, capsys):
     rows = [("ddim:10:1:1", 4.0, 10), ("dpm:5:1", 5.0, 5), ("dpm:10:1", 3.0, 10),
             ("ddim:50:1:1", 2.5, 50), ("ddim:100:1:1", 2.6, 100)]
     for task, fid, nfe in rows:
-        evaluate.add_entry(path, f"val/{task}@100", _entry("val", task, 100, fid, nfe=nfe))
-    evaluate.add_entry(path, "val/reference@100", _entry("val", "reference", 100, 0.9))
-    evaluate.add_entry(path, "test/dpm:5:1@100", _entry("test", "dpm:5:1", 100, 0.1, nfe=5))
+        evaluation.add_entry(path, f"val/{task}@100", _entry("val", task, 100, fid, nfe=nfe))
+    evaluation.add_entry(path, "val/reference@100", _entry("val", "reference", 100, 0.9))
+    evaluation.add_entry(path, "test/dpm:5:1@100", _entry("test", "dpm:5:1", 100, 0.1, nfe=5))
     # 古い結果 (nfe を記録する前) はタスク名から数える
-    evaluate.add_entry(path, "val/ddim:20:0:1@100", _entry("val", "ddim:20:0:1", 100, 2.8))
+    evaluation.add_entry(path, "val/ddim:20:0:1@100", _entry("val", "ddim:20:0:1", 100, 2.8))
     evaluate.main(["--out", str(path), "--n", "100", "--choose"])
     sel = json.loads(path.read_text())["selection"]
     assert sel["chosen"] == "ddim:50:1:1" and sel["chosen_nfe"] == 50
@@ -118,9 +118,9 @@ def test_evaluate_records_method_and_nfe(objective, tasks, nfes, tmp_path):
                          "--out", str(out), "--n", "20", "--threads", "1", "--device", "cpu",
                          "--tasks", *tasks])
     for task, n in zip(tasks, nfes, strict=True):
-        entry = res[f"val/{evaluate.parse_task(task)['task']}@20"]
+        entry = res[f"val/{evaluation.parse_task(task)['task']}@20"]
         assert entry["nfe"] == n and entry["checkpoint"] == ckpt.name
-        assert entry["method"] == evaluate.parse_task(task)["method"]
+        assert entry["method"] == evaluation.parse_task(task)["method"]
         assert entry["fid"] > 0
     assert json.loads(out.read_text())["eval"].keys() == res.keys()
 
@@ -139,3 +139,43 @@ def test_sample_cli_accepts_new_methods_and_refuses_mismatches(tmp_path, capsys)
         assert x.shape == (2, 1, 32, 32) and (tmp_path / "g.png").is_file()
     x = sample.main([*out, "--dry-run", "--method", "heun"])
     assert x.shape[0] == 2
+
+
+def test_json_lock_leaves_no_file_and_breaks_a_stale_lock(tmp_path, monkeypatch):
+    """ロックは JSON の隣に作って消す (一時フォルダーにも JSON の隣にも何も残さない)。"""
+    import os
+    import tempfile
+    import time
+
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("torchbook-eval-*"))
+    path = tmp_path / "ddpm.json"
+    evaluation.add_entry(path, "val/a@100", {"fid": 1.0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddpm.json"]
+    assert set(tmp.glob("torchbook-eval-*")) == before
+    lock = tmp_path / ".ddpm.json.lock"
+    lock.touch()  # 落ちたプロセスが残したロック
+    old = time.time() - evaluation.LOCK_STALE_SECONDS - 10
+    os.utime(lock, (old, old))
+    evaluation.add_entry(path, "val/b@100", {"fid": 2.0})
+    assert not lock.exists() and set(json.loads(path.read_text())["eval"]) == {"val/a@100",
+                                                                                "val/b@100"}
+    lock.touch()  # 新しいロックは待ち、時間切れは 1 行で直し方を言う
+    monkeypatch.setattr(evaluation, "LOCK_WAIT_SECONDS", 0.2)
+    with pytest.raises(TimeoutError, match="消してください"):
+        evaluation.add_entry(path, "val/c@100", {"fid": 3.0})
+
+
+def test_diffusion_folder_imports_without_fcntl():
+    """Windows (fcntl なし) でもサンプリングと評価の部品を import できる。"""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fcntl'] = None\n"
+            "import torchbook.diffusion.evaluate, torchbook.diffusion.sample\n"
+            "import torchbook.diffusion.evaluation as e, torchbook.diffusion.sampling\n"
+            "print('ok', e.entry_key('val', 'heun:5:1', 1000, 777))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok val/heun:5:1@1000/seed777" in r.stdout, r.stderr
+    src = Path(evaluation.__file__).parent
+    assert not [p.name for p in src.glob("*.py") if "import fcntl" in p.read_text("utf-8")]

@@ -147,10 +147,13 @@ def test_checkpoint_kinds_are_refused_across_models(trained, tmp_path, capsys):
             parse(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and "Traceback" not in "\n".join(err), argv
-    # 潜在の学習を画素の学習として再開しない (逆も)
-    with pytest.raises(SystemExit, match="--latent"):
-        train.main(["--data-root", str(fashion_root()), "--out", str(d / "run"), "--steps", "4",
-                    "--batch-size", "8", "--limit", "64", "--objective", "flow", "--resume"])
+    # 潜在の学習を画素の学習として再開しない (逆も): 違いを 1 行で示す
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data-root", str(fashion_root()), "--out", str(d / "run"), "--steps", "3",
+                    "--batch-size", "8", "--limit", "64", "--objective", "flow",
+                    "--channels", "16,32", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--latent" in err[-1] and len(err) == 2
     # 自己符号化器の学習の再開に拡散モデルの last.pt を渡さない
     with pytest.raises(SystemExit, match="自己符号化器"):
         train_autoencoder.main(["--data-root", str(fashion_root()), "--out", str(d / "run"),

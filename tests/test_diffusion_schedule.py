@@ -101,3 +101,16 @@ def test_forward_and_ddpm_step_match_diffusers(name):
         # 誤差が出ます (こちらは float64 で計算しています)
         tol = 1e-5 if step >= 100 else 1e-3
         torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name, one_minus_abar0, c0_error", [("cosine", 4.1e-5, 5e-4),
+                                                              ("linear", 1e-4, 2e-4)])
+def test_float32_note_in_the_docstring(name, one_minus_abar0, c0_error):
+    """NoiseSchedule の説明の数 (float32 で計算したときの t = 0 の c0 のずれ) を確かめる。"""
+    s = NoiseSchedule.from_name(name)
+    b = s.betas.float()
+    ac = torch.cumprod(1 - b, 0)
+    c0 = torch.cat([torch.ones(1), ac[:-1]]).sqrt() * b / (1 - ac)
+    assert (1 - s.alphas_cumprod[0]).item() == pytest.approx(one_minus_abar0, rel=0.05)
+    assert abs(c0[0].item() - 1) == pytest.approx(c0_error, rel=0.2)
+    assert s.posterior_mean_coef_x0[0].item() == pytest.approx(1.0, abs=1e-12)  # float64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torchbook.diffusion import train
 from torchbook.diffusion.checkpoint import load_checkpoint, read_diffusion
 from torchbook.diffusion.losses import training_loss
 from torchbook.diffusion.schedule import NoiseSchedule
-from torchbook.diffusion.train import EMA
+from torchbook.diffusion.training import EMA
 from torchbook.diffusion.unet import UNet
 
 
@@ -62,26 +63,86 @@ def _common(out) -> list[str]:
             "--device", "cpu"]
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    common = _common(tmp_path)
-    first = train.main([*common, "--steps", "2"])
-    resumed = train.main([*common, "--steps", "4", "--resume", "--export",
+def _interrupt_at(monkeypatch, call: int) -> None:
+    """ddpm_train_step の call 回目の途中で Ctrl-C (SIGINT) を送ります。"""
+    calls = {"n": 0}
+    real = train.ddpm_train_step
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "ddpm_train_step", step)
+
+
+def _weights(path):
+    model, _, _ = load_checkpoint(path)
+    return model.state_dict()
+
+
+def test_resume_equals_an_uninterrupted_run_past_warmup(tmp_path, monkeypatch):
+    """ウォームアップ (1 ステップ) の後で止めて再開しても、止めなかった学習と同じ重みになる。"""
+    common = [*_common(tmp_path), "--warmup", "1", "--save-every", "100"]
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)  # ステップ 3 の途中で Ctrl-C: 3 を終えて保存
+        with pytest.raises(SystemExit):
+            train.main([*common, "--steps", "6"])
+    assert read_diffusion(tmp_path / "last.pt")["step"] == 3
+    resumed = train.main([*common, "--steps", "6", "--resume", "--export",
                           str(tmp_path / "ema.pt")])
-    assert first["step"] == 2 and resumed["step"] == 4
-    model, _, ckpt = load_checkpoint(tmp_path / "ema.pt")
-    assert ckpt["step"] == 4 and "model" not in ckpt
+    assert resumed["step"] == 6
+    _, _, ckpt = load_checkpoint(tmp_path / "ema.pt")
+    assert ckpt["step"] == 6 and "model" not in ckpt
     info = json.loads((tmp_path / "ema.json").read_text())["train"]
     assert info["command"].startswith("python -m torchbook.diffusion.train ")
     assert "--resume" in info["command"]
-    straight_dir = tmp_path / "straight"
-    train.main([*_common(straight_dir), "--steps", "4", "--export",
-                str(straight_dir / "ema.pt")])
-    model_straight, _, _ = load_checkpoint(straight_dir / "ema.pt")
-    for a, b in zip(model.state_dict().values(), model_straight.state_dict().values(),
-                    strict=True):
+    straight = tmp_path / "straight"
+    train.main([*_common(straight), "--warmup", "1", "--save-every", "100", "--steps", "6",
+                "--export", str(straight / "ema.pt")])
+    for a, b in zip(_weights(tmp_path / "ema.pt").values(),
+                    _weights(straight / "ema.pt").values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with pytest.raises(SystemExit, match="別の構造"):
-        train.main([*common[:5], "16,64", *common[6:], "--steps", "6", "--resume"])
+
+
+def test_resume_refuses_changed_settings_in_one_line(tmp_path, capsys):
+    common = _common(tmp_path)
+    train.main([*common, "--steps", "2"])
+    for change, flag in [(["--lr", "1e-3"], "--lr"), (["--batch-size", "4"], "--batch-size"),
+                         (["--steps", "4"], "--steps"), (["--seed", "3"], "--seed")]:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([*common, "--steps", "2", "--resume", *change])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"{flag} " in err and "(保存)" in err, err
+    with pytest.raises(SystemExit) as e:  # 別の大きさのモデル
+        train.parse_args([*common[:5], "16,64", *common[6:], "--steps", "2", "--resume"])
+    assert "--channels [16, 32] (保存) → [16, 64] (指定)" in capsys.readouterr().err
+
+
+def test_extend_is_explicit_and_only_grows_steps(tmp_path, capsys):
+    common = _common(tmp_path)
+    train.main([*common, "--steps", "2"])
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([*common, "--steps", "4", "--extend"])
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    for steps in ["2", "1"]:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([*common, "--steps", steps, "--resume", "--extend"])
+        assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # 延ばすときもほかの設定は同じに
+        train.parse_args([*common, "--steps", "4", "--resume", "--extend", "--lr", "1e-3"])
+    assert "--lr" in capsys.readouterr().err
+    assert train.main([*common, "--steps", "4", "--resume", "--extend"])["step"] == 4
+    assert read_diffusion(tmp_path / "last.pt")["config"]["steps"] == 4
+
+
+def test_resume_with_an_unreadable_checkpoint_says_so_in_one_line(tmp_path, capsys):
+    (tmp_path / "last.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        train.main([*_common(tmp_path), "--steps", "2", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "last.pt" in err[-1] and "読めません" in err[-1]
 
 
 def test_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
@@ -113,19 +174,10 @@ def test_export_never_replaces_an_unrelated_json(tmp_path, capsys):
 
 def test_ctrl_c_saves_a_resumable_state(tmp_path, monkeypatch, capsys):
     common = _common(tmp_path)
-    calls = {"n": 0}
-    real_step = train.ddpm_train_step
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "ddpm_train_step", interrupted)
-    with pytest.raises(SystemExit) as e:
-        train.main([*common, "--steps", "5", "--save-every", "100"])
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        with pytest.raises(SystemExit) as e:
+            train.main([*common, "--steps", "5", "--save-every", "100"])
     assert e.value.code == 130 and "--resume" in capsys.readouterr().out
-    assert read_diffusion(tmp_path / "last.pt")["step"] == 2  # 終えた 2 ステップは残る
-    monkeypatch.setattr(train, "ddpm_train_step", real_step)
+    assert read_diffusion(tmp_path / "last.pt")["step"] == 3  # 途中のステップを終えて保存
     assert train.main([*common, "--steps", "5", "--resume"])["step"] == 5

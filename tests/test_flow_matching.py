@@ -160,9 +160,10 @@ def test_flow_training_exports_a_flow_checkpoint_with_previews(tmp_path):
     assert out.shape == (2, 1, 32, 32)
 
 
-def test_resume_refuses_another_objective(tmp_path):
+def test_resume_refuses_another_objective(tmp_path, capsys):
     train.main([*_common(tmp_path), "--steps", "2"])
     assert objective_of(read_diffusion(tmp_path / "last.pt")) == "flow"
     eps_args = [a for a in _common(tmp_path) if a not in ("--objective", "flow", "--no-bf16")]
-    with pytest.raises(SystemExit, match="--objective flow"):
-        train.main([*eps_args, "--steps", "4", "--resume"])
+    with pytest.raises(SystemExit) as e:
+        train.main([*eps_args, "--steps", "2", "--resume"])
+    assert e.value.code == 2 and "--objective flow (保存) → eps (指定)" in capsys.readouterr().err

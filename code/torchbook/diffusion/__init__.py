@@ -3,7 +3,8 @@
 下の層 (ライブラリ): ``schedule`` (ノイズスケジュール)、``unet`` (ε を予測する UNet)、
 ``algorithms`` (DDPM の学習とサンプリングのループ: Ho et al. 2020 の Algorithm 1・2)、
 ``sampling`` (DDPM・DDIM・DPM-Solver++・フローの ODE・guidance と既定値)、
-``losses`` (ε 予測とフローマッチングの損失)、``toy`` (2 次元の例)、
+``losses`` (ε 予測とフローマッチングの損失)、``training`` (EMA と学習率のスケジュール)、
+``toy`` (2 次元の例)、
 ``autoencoder`` (潜在拡散の自己符号化器 VAE)、``conditioning`` (クラス名へのクロスアテンション)、
 ``latent`` (潜在空間の UNet とフローのモデル)、
 ``checkpoint`` (ファイル形式と読み書き)、``data`` (Fashion-MNIST)、``metrics`` (FID・KID と

@@ -13,7 +13,8 @@
      "previews": {ステップ: 同じノイズから作った見本の画像 (uint8)},
      # 以下は学習を再開するためのもの。配布用 (ema_only) のファイルにはありません
      "model": 学習中の重み, "optimizer": ..., "lr_scheduler": ...,
-     "rng": torch の乱数の状態, "generator": データを選ぶ乱数の状態}
+     "rng": torch の乱数の状態, "generator": データを選ぶ乱数の状態,
+     "config": 学習の形を決める設定 (再開のときに比べる。train.RUN_SETTINGS)}
 
 潜在空間のフローマッチングのモデル (``latent.LatentFlow``) は ``kind == "torchbook-latent-flow-v1"``
 で、形は同じです (``"unet"`` は LatentFlow.config: 潜在 UNet と自己符号化器の構成。
@@ -35,9 +36,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import secrets
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -65,14 +66,28 @@ DEFAULT_CLASSIFIER = WEIGHTS_DIR / "fashion_classifier.pt"
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """write(一時ファイルのパス) で書いてから path へ os.replace します (画像などにも使えます)。"""
+    """write(一時ファイルのパス) で書いてから path へ os.replace します (画像などにも使えます)。
+
+    一時ファイルは普通のファイルと同じ権限 (0o666 から umask を除いたもの) で作ります。
+    書けなかったとき (ディスクが一杯、ファイルの大きさの上限など) は、前のファイルを
+    そのまま残し、そう述べる 1 行の OSError にします。
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 権限は umask に従う
     try:
         write(tmp)
         os.replace(tmp, path)  # 書き終えたファイルとの入れ替えは一瞬 (途中の状態がない)
+    except (OSError, RuntimeError) as e:  # torch.save の書き込みの失敗は RuntimeError で来る
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and not any(
+                w in str(e) for w in ("inline_container", "PytorchStreamWriter")):
+            raise  # 書き込みではない失敗 (保存できない中身など) はそのまま
+        kept = "前のファイルはそのまま残っています" if path.exists() else "何も書いていません"
+        reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise OSError(f"{path} を保存できませんでした ({reason[:120]})。{kept}。"
+                      "ディスクの空きと書き込める大きさを確かめてください") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -161,12 +176,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_nam
                     optimizer: torch.optim.Optimizer | None = None,
                     lr_scheduler=None, step: int = 0,
                     generator: torch.Generator | None = None, objective: str = "eps",
-                    previews: dict[int, torch.Tensor] | None = None) -> None:
+                    previews: dict[int, torch.Tensor] | None = None,
+                    config: dict | None = None) -> None:
     """拡散モデルのチェックポイントを保存します。ema_only=True なら EMA の重みだけ (配布用)。
 
     ema は ``.model`` (EMA の重みを持つ UNet) と ``.step`` を持つオブジェクトです。
     再開用には最適化器・学習率・乱数の状態も保存し、続きが中断なしと同じになるようにします。
-    objective は "eps" (DDPM) か "flow" (フローマッチング)、previews は学習途中の見本です。
+    objective は "eps" (DDPM) か "flow" (フローマッチング)、previews は学習途中の見本、
+    config は再開のときに比べる学習の設定です (再開用のファイルだけに保存)。
     """
     kind = LATENT_FLOW_KIND if isinstance(model, LatentFlow) else KINDS[objective]
     ckpt = {"kind": kind, "unet": model.config, "schedule": schedule_name, "T": T,
@@ -178,6 +195,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_nam
         ckpt["lr_scheduler"] = lr_scheduler.state_dict() if lr_scheduler else None
         ckpt["rng"] = torch.get_rng_state()
         ckpt["generator"] = generator.get_state() if generator else None
+        ckpt["config"] = config or {}
     atomic_save(ckpt, path)
 
 
@@ -235,7 +253,7 @@ def load_classifier(path: str | os.PathLike | None = None,
     if not path.is_file():
         raise FileNotFoundError(
             f"分類器の重み {path} がありません。このフォルダーの classifier モジュールで"
-            "学習して保存してください (--help で使い方を表示します)")
+            "学習して保存するか、path に分類器の重みを渡してください")
     state = read_checkpoint(path)
     model = FashionClassifier()
     try:

@@ -19,6 +19,9 @@ FID や KID は「画像をある特徴空間に写し、本物と生成物の�
 
 from __future__ import annotations
 
+if not __package__:  # ファイルを直接実行した: 下の相対 import の代わりに -m を 1 行で案内する
+    import direct_run  # noqa: F401
+
 import argparse
 import json
 import platform
@@ -124,32 +127,40 @@ def train_epoch(
     return total / count
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="FID/KID 用の Fashion-MNIST 分類器を学習します")
+def build_parser() -> argparse.ArgumentParser:
+    """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
+    p = argparse.ArgumentParser(description="FID/KID 用の Fashion-MNIST 分類器を学習します",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
     p.add_argument("--download", action="store_true",
                    help="Fashion-MNIST が無ければ torchvision でダウンロードする")
-    p.add_argument("--epochs", type=options.positive_int, default=10)
-    p.add_argument("--batch-size", type=options.positive_int, default=256)
+    p.add_argument("--epochs", type=options.positive_int, default=10, help="エポック数")
+    p.add_argument("--batch-size", type=options.positive_int, default=256, help="バッチサイズ")
     p.add_argument("--lr", type=options.positive_float, default=3e-3, help="OneCycle の最大学習率")
-    p.add_argument("--weight-decay", type=options.nonneg_float, default=5e-4)
+    p.add_argument("--weight-decay", type=options.nonneg_float, default=5e-4,
+                   help="AdamW の重み減衰")
     p.add_argument("--max-shift", type=int, choices=range(0, 9), default=2,
                    help="平行移動の最大画素数 (0〜8)")
-    p.add_argument("--label-smoothing", type=options.probability, default=0.0)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", type=options.device, default=get_device("cpu"),
-                   help="cpu, cuda, mps など (既定: cpu)")
+    p.add_argument("--label-smoothing", type=options.probability, default=0.0,
+                   help="交差エントロピーのラベル平滑化")
+    p.add_argument("--seed", type=int, default=1, help="乱数のシード")
+    options.add_device_argument(p)
     p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
     p.add_argument("--bf16", action="store_true", help="bfloat16 の autocast を使う")
     p.add_argument("--channels-last", action="store_true", help="channels_last 形式で計算する")
     p.add_argument("--save", default=str(DEFAULT_SAVE),
-                   help=f"state_dict の保存先 (.pt、来歴は隣の .json。既定: {DEFAULT_SAVE})")
+                   help="state_dict の保存先 (.pt、来歴は隣の .json)")
     p.add_argument("--reference", type=options.reference_count, nargs="*", default=[1000],
                    help="本物どうしの FID/KID (参照レベル) を val と test で測る枚数")
     p.add_argument("--evaluate-only", action="store_true",
                    help="学習せず、--save の重みの正解率と参照レベルを測り直して JSON を更新する")
     p.add_argument("--dry-run", action="store_true",
                    help="1 バッチだけ学習し、何も保存しない (動作の確認用)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.evaluate_only:
         if not Path(args.save).is_file():
@@ -158,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--evaluate-only: 来歴 {Path(args.save).with_suffix('.json')} がありません")
     if not args.dry_run:
         options.check_output(p, args.save, "--save", (".pt",))
+    args.device = args.device or get_device()
     return args
 
 
@@ -215,21 +227,20 @@ def main(argv: list[str] | None = None) -> dict:
     command = command_line(__spec__.name if __spec__ else __name__, argv)
     commit = git_commit()  # 学習を始めた時点のコード
     save = Path(args.save)
-    try:
+    try:  # 学習の前に両方を読む (無い・壊れているなら、作業の前に直し方を 1 行で)
         x_test, y_test = load_tensors(args.data_root, train=False, download=args.download)
-    except (OSError, ValueError) as e:  # データが無い・壊れている: 直し方を 1 行で
+        if not args.evaluate_only:
+            x_train, y_train = load_tensors(args.data_root, train=True, download=args.download)
+    except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
 
     if args.evaluate_only:  # 保存済みの重みを測り直し、JSON の測定値だけを更新します
         model = load_classifier(save, args.device)
         info = json.loads(save.with_suffix(".json").read_text("utf-8"))
-        for old in ("real_floor", "real_floor_note"):  # 古い名前 (参照レベルを「下限」と呼んでいた)
-            info.pop(old, None)
         info.update(evaluate(model, x_test, y_test, args.reference, args.device))
         info["evaluation"] = {"command": command, "git_commit": commit,
                               "torch_version": torch.__version__}
     else:
-        x_train, y_train = load_tensors(args.data_root, train=True, download=args.download)
         model, history = train(args, x_train, y_train)
         train_seconds = time.perf_counter() - start
         if args.dry_run:
@@ -237,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"dry run: 1 バッチだけ学習しました (テスト 1,000 枚の正解率 {acc:.3f})。"
                   "何も保存していません")
             return {"dry_run": True, "train_loss": history, "accuracy_1000": acc}
-        atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, save)
+        try:
+            atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, save)
+        except OSError as e:
+            raise SystemExit(str(e)) from None
         info = {
             "command": command,
             "git_commit": commit,
@@ -258,8 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()),
         }
         info.update(evaluate(model, x_test, y_test, args.reference, args.device))
-    atomic_write_text(save.with_suffix(".json"),
-                      json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    try:
+        atomic_write_text(save.with_suffix(".json"),
+                          json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    except OSError as e:
+        raise SystemExit(str(e)) from None
     return info
 
 

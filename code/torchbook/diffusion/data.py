@@ -10,44 +10,42 @@ import os
 from pathlib import Path
 
 import torch
-from torchvision import datasets, transforms
+from torchvision import datasets
 
-IMAGE_SIZE = 32
 CLASSES = (
     "Tシャツ/トップ", "ズボン", "プルオーバー", "ドレス", "コート",
     "サンダル", "シャツ", "スニーカー", "バッグ", "アンクルブーツ",
 )
 
-TRANSFORM = transforms.Compose([
-    transforms.Pad(2),  # 28×28 → 32×32 (縁は 0 = 黒)
-    transforms.ToTensor(),  # [0, 1]
-    transforms.Normalize((0.5,), (0.5,)),  # [-1, 1]
-])
-
-
 NUM_CLASSES = len(CLASSES)
 
 
 def fashion_mnist(root: str | os.PathLike, train: bool = True, download: bool = False):
-    """Fashion-MNIST を (1, 32, 32)・[-1, 1] の画像として返すデータセットを作ります。
+    """torchvision の Fashion-MNIST のデータセット (28×28 の uint8 とラベル) を作ります。
 
     download=True なら、root に無いときに torchvision がダウンロードします (約 30 MB)。
+    モデルに渡す形 (32×32・[-1, 1]) にするのは ``load_tensors`` です。
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(
             f"データのフォルダー {root} がファイルです。フォルダーを指定してください")
     try:
-        ds = datasets.FashionMNIST(str(root), train=train, download=download, transform=TRANSFORM)
+        ds = datasets.FashionMNIST(str(root), train=train, download=download)
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # 無い、または途中で切れたなど
+        if download and "download" in str(e).lower():  # torchvision: "Error downloading ..."
+            raise OSError(
+                f"Fashion-MNIST をダウンロードできませんでした ({' '.join(str(e).split())})。"
+                "ネットワークにつながる計算機でダウンロード (CLI なら --download) し、できた "
+                f"FashionMNIST フォルダーをこの計算機の {root} の下へコピーしてください") from e
         if isinstance(e, RuntimeError) and "not found" in str(e).lower():
             raise FileNotFoundError(
                 f"{root / 'FashionMNIST' / 'raw'} に Fashion-MNIST がありません。"
-                "--download を付けて実行すると torchvision がダウンロードします (約 30 MB)。"
-                "別の場所にあるなら --data-root でそのフォルダーを指定してください") from e
-        raise ValueError(f"{root / 'FashionMNIST'} のファイルが壊れています ({e})。"
-                         "そのフォルダーを消してから --download を付けて取り直してください"
-                         ) from e
+                "download=True (CLI なら --download) で torchvision がダウンロードします "
+                "(約 30 MB)。別の場所にあるなら root (CLI なら --data-root) にそのフォルダーを"
+                "渡してください") from e
+        raise ValueError(f"{root / 'FashionMNIST'} のファイルが壊れています ({e})。そのフォルダーを"
+                         "消してから、ダウンロードし直してください (CLI なら --download)") from e
     check_labels(ds.targets, root)
     return ds
 
@@ -59,7 +57,7 @@ def check_labels(labels: torch.Tensor, root: str | os.PathLike) -> None:
         raise ValueError(
             f"{root} の Fashion-MNIST のラベルに範囲外の値 ({labels[bad][0].item()} など "
             f"{int(bad.sum())} 個) があります。データが壊れています: FashionMNIST フォルダーを"
-            "消してから --download を付けて取り直してください")
+            "消してから、ダウンロードし直してください (CLI なら --download)")
 
 
 def load_tensors(root: str | os.PathLike, train: bool = True,
@@ -70,5 +68,5 @@ def load_tensors(root: str | os.PathLike, train: bool = True,
     """
     ds = fashion_mnist(root, train=train, download=download)
     x = ds.data.unsqueeze(1).float().div(255)  # (N, 1, 28, 28), [0, 1]
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2)) * 2 - 1  # TRANSFORM と同じ結果
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2)) * 2 - 1  # 縁に 2 画素 (黒) → 32×32, [-1, 1]
     return x, ds.targets.clone()

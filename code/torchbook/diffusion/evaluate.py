@@ -16,30 +16,22 @@
     python -m torchbook.diffusion.evaluate --data-root data --split test --n 1000 \\
         --tasks reference chosen --out runs/eval.json
 
-タスク: ``reference`` (同じ枚数の本物どうしの FID とそのばらつき)、``chosen`` (JSON の
-``selection`` で選ばれたサンプラー)、``reconstruction`` (潜在拡散のチェックポイントだけ:
-本物の組 1 を自己符号化器に通して戻した画像と参照集合の FID。潜在のモデルが越えられない下限)。
-ε を予測する DDPM のチェックポイントには
-``ddim:<steps>[:<eta>[:<s>]]``、``dpm:<steps>[:<s>]`` (DPM-Solver++ 2M)、``ddpm[:<s>]``
-(1000 ステップ)、フローマッチングのチェックポイントには ``euler:<steps>[:<s>]`` と
-``heun:<steps>[:<s>]`` です。省いた値は sample() と同じ既定値です。
-どの結果にも ``method`` と ``nfe`` (``sampling.nfe``) を記録します。
-生成にはクラス 0〜9 を均等に割り当てます。どのタスクもクラスの正解率を一緒に測ります。
-結果は ``--out`` の JSON の ``"eval"`` に 1 項目ずつ追記します (途中で止まっても
-済んだ分は残ります)。キーは ``<split>/<タスク>@<n>`` (例: ``val/ddim:50:1:1@1000``) です。
-``--seeds 1234 777 2024`` のように複数のシードで測ると、既定 (1234) 以外のシードの結果は
-``<split>/<タスク>@<n>/seed<シード>`` に書きます (FID がシードだけでどれだけ動くかを見るため。
-選ぶのはいつも既定のシードの val の結果です)。
+タスクの書き方と JSON のキーは ``evaluation`` モジュールの説明のとおりです。どの結果にも
+``method`` と ``nfe`` (``sampling.nfe``) を記録します。生成にはクラス 0〜9 を均等に
+割り当て、どのタスクもクラスの正解率を一緒に測ります。結果は ``--out`` の JSON に
+1 項目ずつ追記します (途中で止まっても済んだ分は残ります)。
+``--seeds 1234 777 2024`` のように複数のシードで測ると、FID がサンプラーのシードだけで
+どれだけ動くかが分かります (選ぶのはいつも既定のシード 1234 の val の結果です)。
 """
 
 from __future__ import annotations
 
+if not __package__:  # ファイルを直接実行した: 下の相対 import の代わりに -m を 1 行で案内する
+    import direct_run  # noqa: F401
+
 import argparse
-import hashlib
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +41,6 @@ from . import options
 from .checkpoint import (
     DEFAULT_CHECKPOINT,
     LATENT_FLOW_KIND,
-    atomic_write_text,
     command_line,
     load_checkpoint,
     load_classifier,
@@ -58,208 +49,31 @@ from .checkpoint import (
 )
 from .data import load_tensors
 from .device import fast_formats, get_device
-from .metrics import (
-    SPLIT_SEED,
-    SPLITS,
-    balanced_blocks,
-    classifier_accuracy,
-    real_reference,
-    score_samples,
+from .evaluation import (
+    DEFAULT_SEED,
+    TASK_HELP,
+    add_entry,
+    choose,
+    entry_key,
+    parse_task,
+    read_json,
+    run_task,
+    task_objective,
 )
-from .sampling import (
-    DEFAULT_ETA,
-    DEFAULT_GUIDANCE,
-    DEFAULT_SPACING,
-    DEFAULT_STEPS,
-    FLOW_METHODS,
-    nfe,
-    sample_many,
-)
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+from .metrics import SPLIT_SEED, SPLITS
+from .sampling import DEFAULT_STEPS
 
 DEFAULT_OUT = Path("runs") / "ddpm_eval.json"
-TASK_HELP = ("reference, chosen, reconstruction, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], "
-             "dpm:<steps>[:<s>], euler:<steps>[:<s>], heun:<steps>[:<s>]")
-NFE_BUDGETS = (5, 10, 20, 50, 100)  # best_per_nfe を記録する NFE の予算
-T_DDPM = 1000  # ddpm タスクの NFE (チェックポイントの T。同梱のモデルは 1000)
-DEFAULT_SEED = 1234  # サンプラーの乱数のシードの既定。選ぶ (--choose) のはこのシードの結果
 
 
-def balanced_labels(n: int) -> torch.Tensor:
-    """0, 1, ..., 9, 0, 1, ... と並べた n 個のクラス。"""
-    return torch.arange(n) % 10
-
-
-def parse_task(task: str) -> dict:
-    """タスク名を ``sample`` の引数に直します ("reference" と "chosen" は名前だけの辞書)。"""
-    if task in ("reference", "chosen", "reconstruction"):
-        return {"task": task}
-    name, *args = task.split(":")
-    try:
-        if any(a.strip().lower() in ("nan", "inf", "-inf", "+inf") for a in args):
-            raise ValueError
-        if name == "ddim" and 1 <= len(args) <= 3:
-            steps = int(args[0])
-            eta = float(args[1]) if len(args) > 1 else DEFAULT_ETA
-            s = float(args[2]) if len(args) > 2 else DEFAULT_GUIDANCE
-            if steps < 1 or eta < 0:
-                raise ValueError
-            kwargs = {"method": "ddim", "steps": steps, "eta": eta, "spacing": DEFAULT_SPACING,
-                      "guidance_scale": s}
-            kwargs["task"] = f"ddim:{steps}:{eta:g}:{s:g}"
-        elif name in ("dpm", *FLOW_METHODS) and 1 <= len(args) <= 2:
-            steps = int(args[0])
-            s = float(args[1]) if len(args) > 1 else DEFAULT_GUIDANCE
-            if steps < 1:
-                raise ValueError
-            method = "dpm++2m" if name == "dpm" else name
-            kwargs = {"method": method, "steps": steps, "guidance_scale": s,
-                      "task": f"{name}:{steps}:{s:g}"}
-            if name == "dpm":
-                kwargs["spacing"] = DEFAULT_SPACING
-        elif name == "ddpm" and len(args) <= 1:
-            s = float(args[0]) if args else DEFAULT_GUIDANCE
-            kwargs = {"method": "ddpm", "guidance_scale": s, "task": f"ddpm:{s:g}"}
-        else:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"未知のタスク {task!r}: {TASK_HELP} のどれかにしてください") from None
-    return kwargs
-
-
-def task_nfe(kwargs: dict, T: int = T_DDPM) -> int:
-    """タスクのネットワーク評価回数 (reference と reconstruction は 0)。"""
-    if kwargs["task"] in ("reference", "reconstruction"):
-        return 0
-    return nfe(kwargs["method"], kwargs.get("steps", 0), T)
-
-
-def task_objective(kwargs: dict) -> str | None:
-    """タスクが要るモデルの種類: "flow"、"eps"、サンプラーを使わないタスクなら None。"""
-    if kwargs["task"] in ("reference", "reconstruction"):
-        return None
-    return "flow" if kwargs["method"] in FLOW_METHODS else "eps"
-
-
-def entry_key(split: str, task: str, n: int, seed: int = DEFAULT_SEED) -> str:
-    """JSON の "eval" のキー (例: "val/ddim:50:1:1@1000"、seed 777 なら "...@1000/seed777")。
-
-    既定のシード (DEFAULT_SEED) の結果はシードを付けない名前のままです (選ぶのはこの結果)。
-    """
-    key = f"{split}/{task}@{n}"
-    return key if seed == DEFAULT_SEED else f"{key}/seed{seed}"
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def update_json(path: Path, update) -> dict:
-    """JSON を読み、update(data) で書き換えて原子的に書き戻します。
-
-    並行して動く評価どうしが互いの結果を消さないよう、一時フォルダーのロックファイル
-    (JSON のパスごとに 1 つ) で順番に読み・書きします (fcntl のない Windows ではロックなし)。
-    """
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    user = os.getuid() if hasattr(os, "getuid") else 0
-    lock_path = Path(tempfile.gettempdir()) / f"torchbook-eval-{user}-{digest}.lock"
-    with open(lock_path, "a") as lock:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # ファイルを閉じるとロックも外れる
-        data = read_json(path)
-        update(data)
-        atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
-    return data
-
-
-def add_entry(path: Path, key: str, value: dict) -> None:
-    update_json(path, lambda data: data.setdefault("eval", {}).__setitem__(key, value))
-
-
-def best_per_nfe(cands: dict[str, float], nfes: dict[str, int],
-                 budgets: tuple[int, ...] = NFE_BUDGETS) -> dict[str, dict]:
-    """NFE の予算ごとに、nfe ≤ 予算の候補で FID が最小のもの ({"5": {task, fid, nfe}, ...})。"""
-    best = {}
-    for budget in budgets:
-        within = [t for t in cands if nfes[t] <= budget]
-        if within:
-            task = min(within, key=cands.get)
-            best[str(budget)] = {"task": task, "fid": cands[task], "nfe": nfes[task]}
-    return best
-
-
-def choose(path: Path, n: int, command: str) -> dict:
-    """JSON の val の結果 (枚数 n) から FID が最小のサンプラーを選び、"selection" に書きます。
-
-    NFE の予算ごとの最良 (``best_per_nfe``) も一緒に記録します。
-    """
-    ev = read_json(path).get("eval", {})
-    vals = [v for v in ev.values()
-            if v.get("split") == "val" and v.get("n") == n
-            and v.get("task") not in ("reference", "reconstruction")
-            and v.get("sampler_seed", DEFAULT_SEED) == DEFAULT_SEED]
-    cands = {v["task"]: v["fid"] for v in vals}
-    if not cands:
-        raise ValueError(f"{path} に val・n = {n} のサンプラーの結果がありません。"
-                         "先に --split val --tasks ddim:... で測ってください")
-    nfes = {v["task"]: v.get("nfe", task_nfe(parse_task(v["task"]))) for v in vals}
-    chosen = min(cands, key=cands.get)
-    ref = ev.get(entry_key("val", "reference", n), {})
-    selection = {
-        "split": "val", "n": n, "rule": "val の FID が最小のサンプラー",
-        "candidates": dict(sorted(cands.items(), key=lambda kv: kv[1])),
-        "chosen": chosen, "chosen_fid": cands[chosen], "chosen_nfe": nfes[chosen],
-        "best_per_nfe": best_per_nfe(cands, nfes),
-        "reference_fid_range": [ref.get("fid_min"), ref.get("fid_max")],
-        "command": command,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    update_json(path, lambda data: data.__setitem__("selection", selection))
-    return selection
-
-
-def run_task(kwargs: dict, model, sched, clf, images: torch.Tensor, labels: torch.Tensor,
-             split: str, n: int, batch_size: int, seed: int, device: torch.device,
-             bf16: bool) -> dict:
-    """1 つのタスクを実行し、結果の辞書を返します。"""
-    t0 = time.time()
-    if kwargs["task"] == "reference":
-        res = real_reference(clf, images, labels, split, n)
-        return {**res, "seconds": time.time() - t0, "method": "reference", "nfe": 0}
-    if kwargs["task"] == "reconstruction":  # 本物の組 1 → 自己符号化器 → 参照集合 (組 0) と比べる
-        blocks = balanced_blocks(labels, split, n)
-        ae = model.autoencoder
-        x = torch.cat([ae.decode(ae.encode(images[b].to(device))).cpu()
-                       for b in blocks[1].split(batch_size)])
-        res = score_samples(clf, x, images[blocks[0]])
-        res.update(seconds=time.time() - t0, method="reconstruction", nfe=0,
-                   accuracy=classifier_accuracy(clf, x, labels[blocks[1]]),
-                   mse=torch.mean((x - images[blocks[1]]) ** 2).item())
-        return res
-    y = balanced_labels(n)
-    sample_kwargs = {k: v for k, v in kwargs.items() if k != "task"}
-    x = sample_many(model, sched, n, batch_size=batch_size, seed=seed, y=y, device=device,
-                    bf16=bf16, **sample_kwargs)
-    seconds = time.time() - t0
-    ref = images[balanced_blocks(labels, split, n)[0]]
-    res = score_samples(clf, x, ref)
-    res.update(kwargs, seconds=seconds, seconds_per_image=seconds / n,
-               accuracy=classifier_accuracy(clf, x, y),
-               nfe=task_nfe(kwargs, sched.T if sched is not None else T_DDPM))
-    return res
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
         description="拡散モデル (DDPM かフローマッチング) の FID/KID/正解率/時間を測り、"
-        "JSON に書きます")
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--out", default=str(DEFAULT_OUT),
-                   help=f"結果を書き足す JSON (既定: {DEFAULT_OUT})")
+        "JSON に書きます", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="拡散モデルのチェックポイント (.pt)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="結果を書き足す JSON")
     p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
     p.add_argument("--download", action="store_true",
                    help="Fashion-MNIST が無ければ torchvision でダウンロードする")
@@ -274,15 +88,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--choose", action="store_true",
                    help="測らずに、--out にある val の結果からサンプラー (最良と、"
                    "NFE の予算ごとの最良) を選んで記録する")
-    p.add_argument("--batch-size", type=options.positive_int, default=500)
+    p.add_argument("--batch-size", type=options.positive_int, default=500,
+                   help="一度に生成する枚数")
     p.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+",
                    default=[DEFAULT_SEED],
                    help="サンプラーの乱数のシード (複数なら各シードで測る。FID のばらつきを見る"
                    f"ため。選ぶのは {DEFAULT_SEED} の結果)")
-    p.add_argument("--threads", type=options.positive_int, default=None)
+    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
     options.add_device_argument(p)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     args.out = options.check_output(p, args.out, "--out", (".json",))
     if args.choose:
@@ -348,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.choose:
         try:
             sel = choose(args.out, args.n, command)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # 測った結果がない・書けない
             raise SystemExit(str(e)) from None
         print(f"選んだサンプラー: {sel['chosen']} (val FID {sel['chosen_fid']:.3f})")
         for budget, best in sel["best_per_nfe"].items():
@@ -383,7 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         key = entry_key(args.split, kwargs["task"], args.n,
                         DEFAULT_SEED if kwargs["task"] == "reference" else seed)
-        add_entry(args.out, key, res)
+        try:
+            add_entry(args.out, key, res)
+        except OSError as e:  # 書けない・ロックが外れない (TimeoutError も OSError)
+            raise SystemExit(str(e)) from None
         results[key] = res
         print(key, {k: round(res[k], 4) for k in ("fid", "fid_mean", "accuracy", "seconds", "nfe")
                     if k in res}, flush=True)

@@ -11,7 +11,8 @@
 FID は枚数が少ないと大きめに出る (偏りがある) ため、生成画像の FID は必ず
 「同じ枚数の本物どうしの FID (参照レベル)」とそのばらつきと並べて示します
 (``real_reference``)。参照に使う本物の画像は、テスト画像をクラスごとに半分ずつ分けた
-``val`` (選ぶため) と ``test`` (選んだものを 1 回だけ報告するため) のどちらかです。
+``val`` (選ぶため) と ``test`` (報告するため) のどちらかです。選ぶのは val の値だけです。
+test は val で測った候補のすべてについて記録しますが、どの選択も test の値を読みません。
 """
 
 from __future__ import annotations
@@ -256,14 +257,9 @@ def real_reference(
     return res
 
 
-def score_samples(
-    model: nn.Module,
-    samples: torch.Tensor,
-    reference: torch.Tensor,
-    batch_size: int = 500,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-) -> dict[str, float]:
+def score_samples(model: nn.Module, samples: torch.Tensor, reference: torch.Tensor,
+                  batch_size: int = 500, device: str | torch.device | None = None,
+                  seed: int = 0) -> dict[str, float]:
     """生成画像 samples と本物の参照画像 reference の FID/KID を返します。"""
     feats_s = extract_features(model, samples, batch_size, device)
     feats_r = extract_features(model, reference, batch_size, device)

@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+if not __package__:  # ファイルを直接実行した: 下の相対 import の代わりに -m を 1 行で案内する
+    import direct_run  # noqa: F401
+
 import argparse
 import sys
 import time
@@ -48,9 +51,12 @@ from .schedule import NoiseSchedule
 from .unet import UNet
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="学習済みの拡散モデルで画像を生成して PNG に並べます")
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+def build_parser() -> argparse.ArgumentParser:
+    """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
+    p = argparse.ArgumentParser(description="学習済みの拡散モデルで画像を生成して PNG に並べます",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="拡散モデルのチェックポイント (.pt)")
     p.add_argument("--out", default="samples.png", help="書き出す画像 (.png / .jpg)")
     p.add_argument("-n", type=options.positive_int, default=64, help="生成する枚数")
     p.add_argument("--method", default=None, choices=[*EPS_METHODS, *FLOW_METHODS],
@@ -68,13 +74,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--class-grid", action="store_true", help="各行が 1 クラスの 10 行の格子")
     p.add_argument("--guidance", type=options.nonneg_float, default=DEFAULT_GUIDANCE,
                    help="CFG の強さ s (0 = クラスなし)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="乱数のシード (同じなら同じ画像)")
     options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None)
+    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
     p.add_argument("--dry-run", action="store_true",
                    help="乱数の重みの小さなモデルで 2 ステップだけ")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     options.check_output(p, args.out, "--out", (".png", ".jpg", ".jpeg"))
     if args.label is not None and not 0 <= args.label <= 9:
@@ -90,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     args.method = args.method or default_method(objective)
+    T = read_diffusion(args.checkpoint)["T"]
+    if objective == "eps" and args.method != "ddpm" and args.steps > T:
+        p.error(f"--steps {args.steps}: このモデルの拡散のステップ数 T = {T} 以下にしてください")
     if objective == "flow" and args.method not in FLOW_METHODS:
         p.error(f"--checkpoint {args.checkpoint} はフローマッチングのモデルです。"
                 f"--method {' か '.join(FLOW_METHODS)} を指定してください")
@@ -132,8 +146,11 @@ def main(argv: list[str] | None = None) -> torch.Tensor:
                steps=args.steps, eta=args.eta, spacing=args.spacing, seed=args.seed,
                device=device, bf16=bf16, progress=sys.stderr.isatty())
     fmt = "png" if Path(args.out).suffix.lower() == ".png" else "jpeg"
-    atomic_write(args.out, lambda tmp: save_image((x + 1) / 2, tmp, nrow=nrow, padding=2,
-                                                  format=fmt))
+    try:
+        atomic_write(args.out, lambda tmp: save_image((x + 1) / 2, tmp, nrow=nrow, padding=2,
+                                                      format=fmt))
+    except OSError as e:  # ディスクが一杯など: 1 行で (前のファイルは残っている)
+        raise SystemExit(str(e)) from None
     print(f"{args.n} 枚を {time.time() - t0:.1f} 秒で生成し、{args.out} に書きました")
     return x
 

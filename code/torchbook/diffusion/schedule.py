@@ -47,7 +47,8 @@ class NoiseSchedule:
     - ``posterior_mean_coef_x0[t]``, ``posterior_mean_coef_xt[t]``: 事後分布の平均
       μ̃_t = c0 · x_0 + ct · x_t の係数。t = 0 では c0 = 1、ct = 0 です。
 
-    float32 で計算すると 1 - ᾱ_0 ≈ 1e-4 の桁落ちで、t = 0 の c0 が 1 から 5e-4 ほどずれます。
+    float32 で計算すると 1 - ᾱ_0 の桁落ちで、t = 0 の c0 が 1 からずれます (本書のコサインでは
+    1 - ᾱ_0 ≈ 4.1e-5 で約 5e-4、線形では 1 - ᾱ_0 = 1e-4 で約 2e-4)。
     使うときに入力と同じ dtype (普通は float32) に丸めます。
     """
 

@@ -15,16 +15,28 @@
 
 途中から再開するときは同じコマンドに ``--resume`` を付けます。Ctrl-C で止めると
 そこまでを ``last.pt`` に保存して終わるので、``--resume`` で続きから学習できます。
+
+再開の約束 (MNIST の章の CLI と同じ): 学習の形を決める設定 (``RUN_SETTINGS``: 学習率、
+バッチサイズ、ステップ数、ウォームアップ、シード、スケジュール、目的、p_uncond、EMA の
+減衰率、モデルの大きさ、t の選び方など) はチェックポイントの ``config`` に保存し、
+``--resume`` のときに比べます。1 つでも違えば、違う設定 (保存した値と指定した値) を 1 行で
+示して止めます。終わった (または途中の) 学習をもっと長くするときだけは ``--extend`` を付け、
+大きい ``--steps`` を指定します (ほかの設定は同じにします)。このとき学習率のコサインは
+新しい ``--steps`` に合わせて描き直されるので、最初から長く学習したのとは同じになりません。
 """
 
 from __future__ import annotations
 
+if not __package__:  # ファイルを直接実行した: 下の相対 import の代わりに -m を 1 行で案内する
+    import direct_run  # noqa: F401
+
 import argparse
-import copy
 import json
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,12 +48,10 @@ from . import options
 from .algorithms import ddpm_train_step, flow_train_step
 from .autoencoder import encode_all
 from .checkpoint import (
-    LATENT_FLOW_KIND,
     atomic_write_text,
     command_line,
     git_commit,
     load_autoencoder,
-    objective_of,
     read_autoencoder,
     read_diffusion,
     restore_training,
@@ -52,11 +62,40 @@ from .device import cpu_model, fast_formats, get_device
 from .latent import LatentFlow, LatentUNet
 from .sampling import sample
 from .schedule import NoiseSchedule
+from .training import EMA, lr_scheduler
 from .unet import UNet
 
 PREVIEW_SEED = 1234  # 見本のノイズのシード (どのステップでも同じノイズから作る)
 PREVIEW_STEPS = 20  # 見本を作るサンプラーのステップ数
 MAX_GRAD_NORM = 1.0  # 勾配のノルムの上限
+# 学習の形を決める設定 (チェックポイントの config に保存し、--resume のときに比べる)
+RUN_SETTINGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "ema_decay", "p_uncond",
+                "objective", "time_sampling", "schedule", "T", "channels", "patch_size", "seed",
+                "limit", "latent")
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """学習の形を決める設定の辞書 (チェックポイントの config)。"""
+    config = {name: getattr(args, name) for name in RUN_SETTINGS}
+    config["channels"] = list(config["channels"])
+    config["max_grad_norm"] = MAX_GRAD_NORM
+    return config
+
+
+def config_differences(stored: dict, given: dict, extend: bool = False) -> list[str]:
+    """保存した設定と今の設定の違いを「--lr 0.002 (保存) → 0.001 (指定)」の形で返します。
+
+    extend=True なら、--steps だけは保存した値より大きくてかまいません。
+    """
+    diffs = []
+    for name in sorted(set(stored) | set(given)):
+        old, new = stored.get(name), given.get(name)
+        if name == "steps" and extend and old is not None and new is not None and new > old:
+            continue
+        if old != new:
+            flag = "--" + name.replace("_", "-") if name != "max_grad_norm" else name
+            diffs.append(f"{flag} {old} (保存) → {new} (指定)")
+    return diffs
 
 
 def preview(model: nn.Module, sched: NoiseSchedule | None, device: torch.device,
@@ -71,50 +110,44 @@ def preview(model: nn.Module, sched: NoiseSchedule | None, device: torch.device,
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-class EMA:
-    """重みの指数移動平均 (EMA)。サンプリングにはこちらの重みを使います。
-
-    学習の初めは減衰率を min(decay, (1 + step) / (10 + step)) に下げます (ウォームアップ)。
-    そうしないと、初期値 (ランダムな重み) の影響が長く残ります。
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.step = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.step += 1
-        d = min(self.decay, (1 + self.step) / (10 + self.step))
-        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1 - d)  # e ← d·e + (1 - d)·p
-        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            e.copy_(b)
+def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, last: Path) -> dict:
+    """--resume の前に last.pt を読み、学習の形を決める設定が同じか確かめます。"""
+    try:
+        ckpt = read_diffusion(last)
+    except ValueError as e:
+        p.error(f"--resume: {e}")
+    if "model" not in ckpt or "config" not in ckpt:
+        p.error(f"--resume: {last} は配布用 (EMA だけ) のファイルなので再開できません")
+    diffs = config_differences(ckpt["config"], run_config(args), args.extend)
+    if diffs:
+        hint = ("。学習を延ばすなら --extend と大きい --steps を" if not args.extend else "")
+        p.error(f"--resume: {last} と設定が違います: {'、'.join(diffs)}。"
+                f"保存した設定で再開してください{hint}")
+    if args.extend and args.steps <= ckpt["config"]["steps"]:
+        p.error(f"--extend: --steps を保存した {ckpt['config']['steps']} より大きくしてください")
+    return ckpt
 
 
-def lr_lambda(step: int, warmup: int, total: int) -> float:
-    """線形ウォームアップの後、コサインで 0.05 倍まで下げる学習率の倍率。"""
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
         description="Fashion-MNIST で DDPM (ε 予測) かフローマッチングのモデル (v 予測) を"
-                    "クラス条件付きで学習します")
+                    "クラス条件付きで学習します",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
     p.add_argument("--download", action="store_true",
                    help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
     p.add_argument("--out", default="runs/ddpm", help="チェックポイント last.pt を書くフォルダー")
     p.add_argument("--steps", type=options.positive_int, default=20000, help="学習ステップ数")
-    p.add_argument("--batch-size", type=options.positive_int, default=128)
-    p.add_argument("--lr", type=options.positive_float, default=2e-3)
-    p.add_argument("--warmup", type=options.positive_int, default=500)
-    p.add_argument("--weight-decay", type=options.nonneg_float, default=0.0)
-    p.add_argument("--ema-decay", type=options.probability, default=0.999)
+    p.add_argument("--batch-size", type=options.positive_int, default=128, help="バッチサイズ")
+    p.add_argument("--lr", type=options.positive_float, default=2e-3,
+                   help="学習率の最大値 (ウォームアップの後、コサインで 0.05 倍まで下げる)")
+    p.add_argument("--warmup", type=options.positive_int, default=500,
+                   help="学習率を線形に上げるステップ数")
+    p.add_argument("--weight-decay", type=options.nonneg_float, default=0.0,
+                   help="AdamW の重み減衰")
+    p.add_argument("--ema-decay", type=options.probability, default=0.999,
+                   help="重みの指数移動平均 (EMA) の減衰率")
     p.add_argument("--p-uncond", type=options.probability, default=0.1,
                    help="ラベルを落とす確率 (CFG 用)")
     p.add_argument("--objective", default=None, choices=["eps", "flow"],
@@ -129,8 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--T", type=options.positive_int, default=1000, help="拡散のステップ数")
     p.add_argument("--channels", type=options.channel_list, default=None,
                    help="各解像度のチャンネル数 (既定: 画素は 32,64,128、--latent は 32,64)")
-    p.add_argument("--patch-size", type=options.patch_size, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patch-size", type=options.patch_size, default=2,
+                   help="UNet が最初に画像を分ける小区画の一辺 (1, 2, 4。--latent では使いません)")
+    p.add_argument("--seed", type=int, default=0, help="乱数のシード")
     options.add_device_argument(p)
     p.add_argument("--threads", type=options.positive_int, default=None,
                    help="CPU のスレッド数")
@@ -144,7 +178,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="何ステップごとに損失を記録するか")
     p.add_argument("--max-minutes", type=options.positive_float, default=None,
                    help="この時間で学習を打ち切る")
-    p.add_argument("--resume", action="store_true", help="out/last.pt から再開する")
+    p.add_argument("--resume", action="store_true",
+                   help="out/last.pt から再開する (学習の形を決める設定は保存したものと同じに)")
+    p.add_argument("--extend", action="store_true",
+                   help="--resume で、保存した学習より大きい --steps まで延ばす (学習率の"
+                   "コサインは新しい --steps に合わせて描き直す)")
     p.add_argument("--force", action="store_true",
                    help="out/last.pt や --export のファイルがあっても上書きする")
     p.add_argument("--export", default=None,
@@ -153,6 +191,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="学習画像の枚数を制限する (試し用)")
     p.add_argument("--dry-run", action="store_true",
                    help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.latent is not None:
         if args.objective == "eps":
@@ -174,8 +217,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     out = options.check_folder(p, args.out, "--out")
     last = out / "last.pt"
+    if args.extend and not args.resume:
+        p.error("--extend は --resume と一緒に使います (保存した学習を延ばすためのものです)")
     if args.resume and not last.is_file():
         p.error(f"--resume: {last} がないので再開できません (--resume を外すと最初から学習します)")
+    args.resume_from = check_resume(p, args, last) if args.resume else None
     if last.is_file() and not (args.resume or args.force):
         p.error(f"{last} に前の学習があります。続けるなら --resume、"
                 "捨てて最初からやり直すなら --force を付けるか、別の --out を指定してください")
@@ -229,25 +275,12 @@ def main(argv: list[str] | None = None) -> dict:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, args.warmup, args.steps))
+    lr_sched = lr_scheduler(opt, args.warmup, args.steps)
     last = Path(args.out) / "last.pt"
     step, history, elapsed_before, cpu_before, previews = 0, [], 0.0, 0.0, {}
     if args.resume:
-        ckpt = read_diffusion(last)
-        if (ckpt["kind"] == LATENT_FLOW_KIND) != bool(args.latent):
-            raise SystemExit(f"{last} は{'潜在' if args.latent is None else '画素'}空間のモデルの"
-                             "学習です。同じ --latent の有無で再開してください")
-        if objective_of(ckpt) != args.objective:
-            raise SystemExit(f"{last} は --objective {objective_of(ckpt)} の学習です。"
-                             "同じ --objective で再開してください")
-        if ckpt["schedule"] != schedule_name or ckpt["T"] != args.T:
-            raise SystemExit(f"{last} は別のスケジュール ({ckpt['schedule']}, T={ckpt['T']}) "
-                             "の学習です。同じ --schedule と --T で再開してください")
-        try:
-            step = restore_training(ckpt, model, ema, opt, lr_sched, gen)
-        except ValueError as e:
-            raise SystemExit(f"{last}: {e}") from None
+        ckpt = args.resume_from
+        step = restore_training(ckpt, model, ema, opt, lr_sched, gen)
         history = ckpt["extra"].get("history", [])
         elapsed_before = ckpt["extra"].get("wall_seconds", 0.0)
         cpu_before = ckpt["extra"].get("cpu_seconds", 0.0) - encode_seconds
@@ -271,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "cpu_seconds": cpu_before + encode_seconds + time.process_time() - cpu_start,
                 "args": {k: (list(v) if isinstance(v, tuple) else str(v)
                              if isinstance(v, torch.device) else v)
-                         for k, v in vars(args).items()},
+                         for k, v in vars(args).items() if k != "resume_from"},
                 "n_params": n_params}
 
     def save() -> None:
@@ -279,12 +312,23 @@ def main(argv: list[str] | None = None) -> dict:
             return
         if step not in previews:
             previews[step] = preview(ema.model, sched, device, bf16)
-        save_checkpoint(last, model, ema, schedule_name, args.T, extra(), False,
-                        opt, lr_sched, step, gen, args.objective, previews)
+        try:
+            save_checkpoint(last, model, ema, schedule_name, args.T, extra(), False,
+                            opt, lr_sched, step, gen, args.objective, previews, run_config(args))
+        except OSError as e:  # ディスクが一杯など: 前の last.pt は残っている
+            raise SystemExit(str(e)) from None
 
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=5,
                disable=not sys.stderr.isatty())
+    ctrl_c = {"pressed": False}
+
+    def on_ctrl_c(signum, frame) -> None:  # 今のステップを終えてから保存して止める
+        ctrl_c["pressed"] = True
+        signal.signal(signal.SIGINT, previous_handler)  # 2 回目の Ctrl-C はすぐに止める
+
+    in_main = threading.current_thread() is threading.main_thread()  # signal は主スレッドだけ
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c) if in_main else None
     try:
         while step < args.steps:
             idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
@@ -319,12 +363,19 @@ def main(argv: list[str] | None = None) -> dict:
                 stopped_early = True
                 print(f"--max-minutes {args.max_minutes} に達したのでステップ {step} で止めます")
                 break
-    except KeyboardInterrupt:
+            if ctrl_c["pressed"]:  # 終えたステップまでを保存 (乱数の状態もステップの境目)
+                bar.close()
+                save()
+                print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
+                      "(同じコマンドに --resume を付けると続きから学習します)")
+                raise SystemExit(130)
+    except KeyboardInterrupt:  # 2 回目の Ctrl-C: ステップの途中なので保存しない
         bar.close()
-        save()  # 最後に終えたステップまでを保存 (原子的なので途中で止まっても壊れない)
-        print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
-              "(同じコマンドに --resume を付けると続きから学習します)")
+        print(f"\n中断しました。{last} は前に保存したときのままです (--resume で再開できます)")
         raise SystemExit(130) from None
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     summary = extra()
     summary.update(step=step, stopped_early=stopped_early,
@@ -342,10 +393,13 @@ def main(argv: list[str] | None = None) -> dict:
             info["autoencoder"] = {"path": str(args.latent), **{
                 k: ae_extra.get(k) for k in ("command", "cpu_seconds", "wall_seconds", "val_mse",
                                              "latent_shape", "latent_scale", "beta", "step")}}
-        save_checkpoint(args.export, model, ema, schedule_name, args.T, info, ema_only=True,
-                        step=step, objective=args.objective, previews=previews)
-        atomic_write_text(Path(args.export).with_suffix(".json"),
-                          json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+        try:
+            save_checkpoint(args.export, model, ema, schedule_name, args.T, info,
+                            ema_only=True, step=step, objective=args.objective, previews=previews)
+            atomic_write_text(Path(args.export).with_suffix(".json"),
+                              json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+        except OSError as e:  # last.pt は保存済みなので、--export だけやり直せばよい
+            raise SystemExit(str(e)) from None
         print(f"EMA の重みを {args.export} に書きました")
     print(f"完了: ステップ {step}, 最後の損失 {summary['final_loss']:.4f}")
     return summary

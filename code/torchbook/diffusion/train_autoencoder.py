@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+if not __package__:  # ファイルを直接実行した: 下の相対 import の代わりに -m を 1 行で案内する
+    import direct_run  # noqa: F401
+
 import argparse
 import json
 import math
@@ -52,10 +55,12 @@ def split_train_val(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[val_size:], perm[:val_size]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
         description="潜在拡散のための KL 正則化つき自己符号化器 (VAE) を"
-                    "Fashion-MNIST で学習します")
+                    "Fashion-MNIST で学習します",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
     p.add_argument("--download", action="store_true",
                    help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
@@ -66,18 +71,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="畳み込みのチャネル数の基準 (8 の倍数)")
     p.add_argument("--beta", type=options.nonneg_float, default=1e-3,
                    help="KL の重み β (損失 = ‖x - x̂‖² + β·KL)")
-    p.add_argument("--steps", type=options.positive_int, default=3000)
-    p.add_argument("--batch-size", type=options.positive_int, default=128)
-    p.add_argument("--lr", type=options.positive_float, default=2e-3)
+    p.add_argument("--steps", type=options.positive_int, default=3000, help="学習ステップ数")
+    p.add_argument("--batch-size", type=options.positive_int, default=128, help="バッチサイズ")
+    p.add_argument("--lr", type=options.positive_float, default=2e-3,
+                   help="学習率の最大値 (5%% のウォームアップの後、コサインで 0.05 倍まで)")
     p.add_argument("--val-size", type=options.positive_int, default=5000,
                    help="学習に使わず再構成誤差を測る画像の枚数")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="乱数のシード")
     options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None)
+    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
-    p.add_argument("--save-every", type=options.positive_int, default=500)
-    p.add_argument("--log-every", type=options.positive_int, default=100)
+    p.add_argument("--save-every", type=options.positive_int, default=500,
+                   help="何ステップごとに last.pt を保存するか")
+    p.add_argument("--log-every", type=options.positive_int, default=100,
+                   help="何ステップごとに損失を記録するか")
     p.add_argument("--max-minutes", type=options.positive_float, default=None,
                    help="この時間で学習を打ち切る")
     p.add_argument("--resume", action="store_true", help="out/last.pt から再開する")
@@ -89,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="学習画像の枚数を制限する (試し用)")
     p.add_argument("--dry-run", action="store_true",
                    help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if len(args.width) != 1:
         p.error(f"--width は 1 つの数にしてください (受け取ったのは {args.width})")

@@ -13,7 +13,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     """整数の時刻 t (N,) を正弦波の埋め込み (N, dim) にします (Python のループなし)。
 
     周波数は 1 から 1/max_period まで等比で並びます。t は 0〜T-1 の整数のまま渡します
-    (t/T のように 0〜1 に縮めると、どの t でもほとんど同じ埋め込みになります)。
+    (t/T のように 0〜1 に縮めると、いちばん速い周波数でも隣り合う時刻 t と t+1 の角度の差が
+    1/T ラジアンになり、隣どうしの埋め込みがほとんど同じになります。離れた時刻は区別できます)。
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
