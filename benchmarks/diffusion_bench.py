@@ -279,6 +279,17 @@ def latent_report(n: int, sample_n: int, pixel_json=None, latent_json=None) -> N
     if rec:
         print(f"  自己符号化器の再構成 FID (潜在のモデルの下限): {rec['fid']:.2f} "
               f"({rec['fid'] / ref_mean:.2f}×)")
+    pixel, _, _ = load_checkpoint(FLOW_CHECKPOINT)
+    latent, _, _ = load_checkpoint(LATENT_CHECKPOINT)
+    t1 = torch.tensor([500.0])
+    f_pix = forward_flops(pixel, torch.randn(1, *pixel.sample_shape), t1)
+    f_lat = forward_flops(latent, torch.randn(1, *latent.sample_shape), t1)
+    with FlopCounterMode(display=False) as counter:
+        latent.decode_latents(torch.randn(1, *latent.sample_shape))
+    f_dec = counter.get_total_flops()
+    print(f"  順伝播の計算量 (1 枚): 画素の UNet {f_pix / 1e6:.1f} MFLOP、潜在の UNet "
+          f"{f_lat / 1e6:.1f} MFLOP (比 {f_pix / f_lat:.2f})、デコーダー {f_dec / 1e6:.1f} MFLOP "
+          "(生成の最後に 1 回)")
     print(f"  生成時間: この実行で {sample_n} 枚ずつ測った 1 枚あたり (最小値)、threads="
           f"{torch.get_num_threads()}、fp32、潜在はデコーダー込み")
     print(f"  {'NFE ≤':>6} {'画素 (タスク)':<22}{'FID':>12} {'ms/枚':>8}   "
