@@ -13,10 +13,15 @@
    フローマッチングの Euler・Heun (flow_fashion.json があれば)。val と test の各 FID の隣に、
    同じ n の本物どうしの参照水準との比を並べます (``booktools.sampler_table``)。
    ``--live-n 100`` を付けると、NFE 10 の数セルを今のコードで小さな n で測り直します。
+6. ``--latent``: 画素のフローマッチング (flow_fashion) と潜在拡散 (latent_fashion) の表。
+   NFE の予算 5, 10, 20, 50 ごとに各モデルのサンプラーを val の FID で選び、同じタスクの
+   test の FID (参照水準との比) と、1 枚あたりの生成時間 (潜在はデコーダー込み) をこの実行で
+   並べて測った速さの比を出します。自己符号化器の再構成 FID (潜在のモデルの下限) も並べます。
 
     OMP_NUM_THREADS=1 python benchmarks/diffusion_bench.py --threads 1
     python benchmarks/diffusion_bench.py --fid-nfe               # 5. の表だけ (すぐ終わります)
     OMP_NUM_THREADS=1 python benchmarks/diffusion_bench.py --fid-nfe --live-n 100 --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/diffusion_bench.py --latent --threads 1
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from torchbook.diffusion.unet import UNet, timestep_embedding
 
 ARTICLE = "入門記事のモデル"
 FLOW_CHECKPOINT = WEIGHTS_DIR / "flow_fashion.pt"
+LATENT_CHECKPOINT = WEIGHTS_DIR / "latent_fashion.pt"
+LATENT_BUDGETS = (5, 10, 20, 50)
 LIVE_TASKS = {DEFAULT_CHECKPOINT: ["ddim:10:0", "ddim:10:1", "dpm:10"],
               FLOW_CHECKPOINT: ["euler:10", "heun:5"]}  # NFE 10 (Heun は 9) のセル
 
@@ -222,6 +229,85 @@ def fid_nfe_report(n: int, guidance: float | None, live_n: int | None) -> None:
                       f"({r['fid'] / ref:.2f}×)  {r['seconds']:.1f} 秒")
 
 
+def chosen_per_budget(evals: dict, n: int, budgets: tuple[int, ...] = LATENT_BUDGETS
+                      ) -> dict[int, dict]:
+    """予算ごとに val の FID が最小のタスクを選び、{予算: {task, nfe, val, test}} を返します。
+
+    test の結果 (同じタスク・同じ n) が無い予算は "test" が None です。選ぶのはいつも val です。
+    """
+    vals = [e for k, e in evals.items() if e.get("split") == "val" and e.get("n") == n
+            and "/seed" not in k and e.get("nfe", 0) > 0]
+    out = {}
+    for b in budgets:
+        within = [e for e in vals if e["nfe"] <= b]
+        if within:
+            e = min(within, key=lambda v: v["fid"])
+            out[b] = {"task": e["task"], "nfe": e["nfe"], "val": e,
+                      "test": evals.get(f"test/{e['task']}@{n}")}
+    return out
+
+
+def time_per_image(ckpt, task: str, n: int, repeats: int = 3) -> float:
+    """1 枚あたりの生成時間 (秒、最小値)。潜在拡散ではデコーダーも含みます。"""
+    model, sched, _ = load_checkpoint(ckpt)
+    kwargs = {k: v for k, v in parse_task(task).items() if k != "task"}
+    y = torch.arange(n) % 10
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sample(model, sched, n, y=y, seed=0, **kwargs)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def latent_report(n: int, sample_n: int, pixel_json=None, latent_json=None) -> None:
+    """6. 画素と潜在のフローマッチングの比較 (FID は来歴 JSON、速さはこの実行で測る)。"""
+    pixel_json = pixel_json or FLOW_CHECKPOINT.with_suffix(".json")
+    latent_json = latent_json or LATENT_CHECKPOINT.with_suffix(".json")
+    for path in (pixel_json, latent_json):
+        if not os.path.isfile(path):
+            print(f"\n{path} がないので、画素と潜在の表は出せません")
+            return
+    ev_pix = json.loads(open(pixel_json, encoding="utf-8").read()).get("eval", {})
+    ev_lat = json.loads(open(latent_json, encoding="utf-8").read()).get("eval", {})
+    pix, lat = chosen_per_budget(ev_pix, n), chosen_per_budget(ev_lat, n)
+    ref = ev_lat.get(f"test/reference@{n}") or ev_pix.get(f"test/reference@{n}")
+    ref_mean = ref.get("fid_mean", ref["fid"]) if ref else float("nan")
+    rec = ev_lat.get(f"test/reconstruction@{n}")
+    print(f"\n画素と潜在のフローマッチング (n = {n}。FID は test、括弧は同じ n の本物どうしの "
+          f"FID の平均 {ref_mean:.2f} との比。サンプラーは予算ごとに val で選択)")
+    if rec:
+        print(f"  自己符号化器の再構成 FID (潜在のモデルの下限): {rec['fid']:.2f} "
+              f"({rec['fid'] / ref_mean:.2f}×)")
+    pixel, _, _ = load_checkpoint(FLOW_CHECKPOINT)
+    latent, _, _ = load_checkpoint(LATENT_CHECKPOINT)
+    t1 = torch.tensor([500.0])
+    f_pix = forward_flops(pixel, torch.randn(1, *pixel.sample_shape), t1)
+    f_lat = forward_flops(latent, torch.randn(1, *latent.sample_shape), t1)
+    with FlopCounterMode(display=False) as counter:
+        latent.decode_latents(torch.randn(1, *latent.sample_shape))
+    f_dec = counter.get_total_flops()
+    print(f"  順伝播の計算量 (1 枚): 画素の UNet {f_pix / 1e6:.1f} MFLOP、潜在の UNet "
+          f"{f_lat / 1e6:.1f} MFLOP (比 {f_pix / f_lat:.2f})、デコーダー {f_dec / 1e6:.1f} MFLOP "
+          "(生成の最後に 1 回)")
+    print(f"  生成時間: この実行で {sample_n} 枚ずつ測った 1 枚あたり (最小値)、threads="
+          f"{torch.get_num_threads()}、fp32、潜在はデコーダー込み")
+    print(f"  {'NFE ≤':>6} {'画素 (タスク)':<22}{'FID':>12} {'ms/枚':>8}   "
+          f"{'潜在 (タスク)':<22}{'FID':>12} {'ms/枚':>8}  {'FID 比':>7} {'速さの比':>8}")
+    for b in LATENT_BUDGETS:
+        p, q = pix.get(b), lat.get(b)
+        if not p or not q or not p["test"] or not q["test"]:
+            print(f"  {b:>6}  (val と test の両方の結果がまだありません)")
+            continue
+        tp = time_per_image(FLOW_CHECKPOINT, p["task"], sample_n)
+        tq = time_per_image(LATENT_CHECKPOINT, q["task"], sample_n)
+        fp, fq = p["test"]["fid"], q["test"]["fid"]
+        print(f"  {b:>6} {p['task']:<22}{fp:6.2f} ({fp / ref_mean:4.2f}×) {tp * 1e3:8.1f}   "
+              f"{q['task']:<22}{fq:6.2f} ({fq / ref_mean:4.2f}×) {tq * 1e3:8.1f}  "
+              f"{fq / fp:7.2f} {tp / tq:8.2f}")
+    print("  FID 比 = 潜在 ÷ 画素 (1 以下なら潜在が同等以上)、速さの比 = 画素の時間 ÷ 潜在の時間")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None)
@@ -235,6 +321,12 @@ def main() -> None:
                    help="表に使う guidance s (既定: val で選んだサンプラーの s)")
     p.add_argument("--live-n", type=int, default=None,
                    help="この枚数で NFE 10 の数セルを今のコードで測り直す (例: 100)")
+    p.add_argument("--latent", action="store_true",
+                   help="画素と潜在のフローマッチングの表 (FID は来歴 JSON、速さは測る) だけを表示")
+    p.add_argument("--pixel-json", default=None,
+                   help="--latent で使う画素のモデルの評価 JSON (既定: flow_fashion.json)")
+    p.add_argument("--latent-json", default=None,
+                   help="--latent で使う潜在のモデルの評価 JSON (既定: latent_fashion.json)")
     args = p.parse_args()
     if args.live_n is not None and (args.live_n % 10 or not 20 <= args.live_n <= 2500):
         p.error(f"--live-n は 10 の倍数で 20〜2500 にしてください (受け取ったのは {args.live_n})")
@@ -242,6 +334,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.fid_nfe:
         fid_nfe_report(args.n, args.guidance, args.live_n)
+        return
+    if args.latent:
+        latent_report(args.n, args.sample_n, args.pixel_json, args.latent_json)
         return
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 1, 32, 32) * 2 - 1

@@ -16,11 +16,20 @@ import pytest
 import torch
 from diffusion_fixtures import SRC, WEIGHTS, fashion_root, run_module
 
-from torchbook.diffusion import classifier, evaluate, evaluation, options, sample, train
+from torchbook.diffusion import (
+    classifier,
+    evaluate,
+    evaluation,
+    options,
+    sample,
+    train,
+    train_autoencoder,
+)
 
 LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
-           "toy", "losses", "algorithms", "training", "evaluation", "direct_run", "fashion_classifier"}
-CLIS = {"train", "sample", "evaluate", "classifier"}
+           "toy", "losses", "algorithms", "training", "evaluation", "direct_run",
+           "fashion_classifier", "autoencoder", "conditioning", "latent"}
+CLIS = {"train", "sample", "evaluate", "classifier", "train_autoencoder"}
 
 
 def local_imports(path: Path) -> set[str]:
@@ -377,7 +386,7 @@ def test_every_recorded_command_parses_with_its_cli(tmp_path):
         words = shlex.split(command)
         module = words[words.index("-m") + 1].rsplit(".", 1)[1]
         p = {"train": train, "sample": sample, "evaluate": evaluate,
-             "classifier": classifier}[module]
+             "classifier": classifier, "train_autoencoder": train_autoencoder}[module]
         args = words[words.index("-m") + 2:]
         parser = p.build_parser()
         parser.parse_args(args)  # 使えない引数やタスク名は SystemExit で落ちる
@@ -391,7 +400,7 @@ def test_every_recorded_command_parses_with_its_cli(tmp_path):
 
 def test_the_four_clis_share_their_conventions():
     """--help は既定値を示し、どの引数にも説明があり、--device の既定は自動。"""
-    for module in (train, sample, evaluate, classifier):
+    for module in (train, sample, evaluate, classifier, train_autoencoder):
         p = module.build_parser()
         assert p.formatter_class is argparse.ArgumentDefaultsHelpFormatter, module.__name__
         assert not [a.option_strings for a in p._actions if not a.help], module.__name__

@@ -16,6 +16,14 @@
      "rng": torch の乱数の状態, "generator": データを選ぶ乱数の状態,
      "config": 学習の形を決める設定 (再開のときに比べる。train.RUN_SETTINGS)}
 
+潜在空間のフローマッチングのモデル (``latent.LatentFlow``) は ``kind == "torchbook-latent-flow-v1"``
+で、形は同じです (``"unet"`` は LatentFlow.config: 潜在 UNet と自己符号化器の構成。
+``"ema"`` にはデコーダーを含む自己符号化器の重みも入るので、このファイルだけで画像まで作れます)。
+
+自己符号化器 (``autoencoder.Autoencoder``) は ``kind == "torchbook-autoencoder-v1"`` の辞書で、
+``"autoencoder"`` (構成)、``"model"`` (重み。latent_scale を含む)、``"step"``、``"extra"`` と、
+再開用の ``"optimizer"``・``"rng"``・``"generator"`` を持ちます。
+
 分類器 (``fashion_classifier.FashionClassifier``) は ``state_dict`` そのものです。
 どちらも隣に同じ名前の ``.json`` (来歴: 実行したコマンド、コミット、測定値) を置きます。
 
@@ -37,12 +45,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .autoencoder import Autoencoder
+from .latent import LatentFlow
 from .schedule import NoiseSchedule
 from .unet import UNet
 
 DDPM_KIND = "torchbook-ddpm-v1"
 FLOW_KIND = "torchbook-flow-v1"
+LATENT_FLOW_KIND = "torchbook-latent-flow-v1"
+AUTOENCODER_KIND = "torchbook-autoencoder-v1"
 KINDS = {"eps": DDPM_KIND, "flow": FLOW_KIND}  # 学習の目的 (objective) → 形式の名前
+DIFFUSION_KINDS = (DDPM_KIND, FLOW_KIND, LATENT_FLOW_KIND)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "ddpm_fashion.pt"
 
@@ -106,17 +119,54 @@ def read_checkpoint(path: str | os.PathLike) -> object:
 
 
 def read_diffusion(path: str | os.PathLike) -> dict:
-    """拡散モデル (DDPM かフローマッチング) のチェックポイントを読み、形式を確かめて返します。"""
+    """拡散モデル (DDPM・フロー・潜在フロー) のチェックポイントを読み、形式を確かめます。"""
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") not in KINDS.values():
-        raise ValueError(f"{path} はこのモジュールの拡散モデルのチェックポイント "
-                         f"({DDPM_KIND} か {FLOW_KIND}) ではありません")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in DIFFUSION_KINDS:
+        found = f" ({ckpt['kind']})" if isinstance(ckpt, dict) and "kind" in ckpt else ""
+        raise ValueError(f"{path}{found} はこのモジュールの拡散モデルのチェックポイント "
+                         f"({'・'.join(DIFFUSION_KINDS)}) ではありません")
     return ckpt
 
 
+def read_autoencoder(path: str | os.PathLike) -> dict:
+    """自己符号化器のチェックポイントを読み、形式を確かめて返します。"""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != AUTOENCODER_KIND:
+        found = f" ({ckpt['kind']})" if isinstance(ckpt, dict) and "kind" in ckpt else ""
+        raise ValueError(f"{path}{found} は自己符号化器のチェックポイント ({AUTOENCODER_KIND}) "
+                         "ではありません。train_autoencoder で作ったファイルを指定してください")
+    return ckpt
+
+
+def save_autoencoder(path: str | os.PathLike, model: Autoencoder, step: int = 0,
+                     extra: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
+                     generator: torch.Generator | None = None, export: bool = False) -> None:
+    """自己符号化器を保存します。export=True なら再開用の状態を除いた配布用です。"""
+    ckpt = {"kind": AUTOENCODER_KIND, "autoencoder": model.config, "step": step,
+            "model": model.state_dict(), "extra": extra or {}}
+    if not export:
+        ckpt["optimizer"] = optimizer.state_dict() if optimizer else None
+        ckpt["rng"] = torch.get_rng_state()
+        ckpt["generator"] = generator.get_state() if generator else None
+    atomic_save(ckpt, path)
+
+
+def load_autoencoder(path: str | os.PathLike, device: str | torch.device = "cpu"
+                     ) -> tuple[Autoencoder, dict]:
+    """自己符号化器を読み込み、評価モードで (モデル, チェックポイント) を返します。"""
+    ckpt = read_autoencoder(path)
+    model = Autoencoder(**ckpt["autoencoder"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path} の重みが Autoencoder({ckpt['autoencoder']}) の構造と合いません"
+                         ) from e
+    return model.to(device).eval(), ckpt
+
+
 def objective_of(ckpt: dict) -> str:
-    """チェックポイントの学習の目的: ε 予測なら "eps"、フローマッチングなら "flow"。"""
-    return "flow" if ckpt["kind"] == FLOW_KIND else "eps"
+    """チェックポイントの学習の目的: ε 予測なら "eps"、フローマッチング (潜在も) なら "flow"。"""
+    return "eps" if ckpt["kind"] == DDPM_KIND else "flow"
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_name: str,
@@ -133,7 +183,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_nam
     objective は "eps" (DDPM) か "flow" (フローマッチング)、previews は学習途中の見本、
     config は再開のときに比べる学習の設定です (再開用のファイルだけに保存)。
     """
-    ckpt = {"kind": KINDS[objective], "unet": model.config, "schedule": schedule_name, "T": T,
+    kind = LATENT_FLOW_KIND if isinstance(model, LatentFlow) else KINDS[objective]
+    ckpt = {"kind": kind, "unet": model.config, "schedule": schedule_name, "T": T,
             "step": step, "ema": ema.model.state_dict(), "ema_step": ema.step,
             "extra": extra or {}, "previews": previews or {}}
     if not ema_only:
@@ -147,18 +198,24 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_nam
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    channels_last: bool = False) -> tuple[UNet, NoiseSchedule | None, dict]:
+                    channels_last: bool = False
+                    ) -> tuple[UNet | LatentFlow, NoiseSchedule | None, dict]:
     """チェックポイントから EMA の UNet (評価モード) とスケジュールを作って返します。
 
     UNet の ``objective`` はチェックポイントの種類から決まります ("eps" か "flow")。
     フローマッチングのモデルにはノイズスケジュールがないので、スケジュールは None です。
+    潜在フローのチェックポイントなら、デコーダーまで入った ``LatentFlow`` を返します。
     """
     ckpt = read_diffusion(path)
-    model = UNet(**ckpt["unet"], objective=objective_of(ckpt))
+    if ckpt["kind"] == LATENT_FLOW_KIND:
+        model = LatentFlow.from_config(ckpt["unet"])
+    else:
+        model = UNet(**ckpt["unet"], objective=objective_of(ckpt))
     try:
         model.load_state_dict(ckpt["ema"])
     except RuntimeError as e:
-        raise ValueError(f"{path} の重みが UNet({ckpt['unet']}) の構造と合いません: {e}") from e
+        raise ValueError(f"{path} の重みが {type(model).__name__}({ckpt['unet']}) の構造と"
+                         f"合いません: {e}") from e
     model = model.float().to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

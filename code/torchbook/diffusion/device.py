@@ -104,3 +104,16 @@ def fast_formats(device: torch.device, bf16: bool | None = None,
     if channels_last is None:
         channels_last = device.type in ("cpu", "cuda")
     return bf16, channels_last
+
+
+def cpu_model() -> str:
+    """CPU の製品名 (Linux は /proc/cpuinfo、ほかは platform から)。来歴に書きます。"""
+    import platform
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

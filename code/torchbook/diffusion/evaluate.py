@@ -40,6 +40,7 @@ import torch
 from . import options
 from .checkpoint import (
     DEFAULT_CHECKPOINT,
+    LATENT_FLOW_KIND,
     command_line,
     load_checkpoint,
     objective_of,
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.parsed = [parse_task(t) for t in args.tasks]
     except ValueError as e:
         p.error(str(e))
-    allowed_on_test = {"reference"}  # val で選んだもの (chosen) もここに足す
+    allowed_on_test = {"reference", "reconstruction"}  # val で選んだもの (chosen) もここに足す
     if any(k["task"] == "chosen" for k in args.parsed):
         sel = read_json(args.out).get("selection")
         if not sel:
@@ -123,9 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.classifier is not None and not Path(args.classifier).is_file():
         p.error(f"--classifier {args.classifier} がありません")
     try:
-        objective = objective_of(read_diffusion(args.checkpoint))
+        ckpt = read_diffusion(args.checkpoint)
     except ValueError as e:
         p.error(str(e))
+    objective = objective_of(ckpt)
+    if any(k["task"] == "reconstruction" for k in args.parsed) and \
+            ckpt["kind"] != LATENT_FLOW_KIND:
+        p.error(f"タスク reconstruction は潜在拡散のチェックポイント ({LATENT_FLOW_KIND}) だけです "
+                f"(--checkpoint {args.checkpoint} は {ckpt['kind']})")
     for k in args.parsed:
         need = task_objective(k)
         if need is not None and need != objective:

@@ -3,7 +3,9 @@
 ``evaluate`` CLI と、本の表を作る補助が使います。
 
 タスク: ``reference`` (同じ枚数の本物どうしの FID とそのばらつき)、``chosen`` (JSON の
-``selection`` で選ばれたサンプラー)。ε を予測する DDPM のチェックポイントには
+``selection`` で選ばれたサンプラー)、``reconstruction`` (潜在拡散のチェックポイントだけ:
+本物の組 1 を自己符号化器に通して戻した画像と参照集合の FID。潜在のモデルが越えられない下限)。
+ε を予測する DDPM のチェックポイントには
 ``ddim:<steps>[:<eta>[:<s>]]``、``dpm:<steps>[:<s>]`` (DPM-Solver++ 2M)、``ddpm[:<s>]``
 (1000 ステップ)、フローマッチングのチェックポイントには ``euler:<steps>[:<s>]`` と
 ``heun:<steps>[:<s>]`` です。省いた値は sample() と同じ既定値です。
@@ -36,7 +38,8 @@ from .sampling import (
     sample_many,
 )
 
-TASK_HELP = ("reference, chosen, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], dpm:<steps>[:<s>], "
+TASK_HELP = ("reference, chosen, reconstruction, ddpm[:<s>], ddim:<steps>[:<eta>[:<s>]], "
+             "dpm:<steps>[:<s>], "
              "euler:<steps>[:<s>], heun:<steps>[:<s>]")
 NFE_BUDGETS = (5, 10, 20, 50, 100)  # best_per_nfe を記録する NFE の予算
 T_DDPM = 1000  # ddpm タスクの NFE (チェックポイントの T。同梱のモデルは 1000)
@@ -57,7 +60,7 @@ def parse_task(task: str) -> dict:
     """
     if task == "floor":
         task = "reference"
-    if task in ("reference", "chosen"):
+    if task in ("reference", "chosen", "reconstruction"):
         return {"task": task}
     name, *args = task.split(":")
     if name == "guidance" and 1 <= len(args) <= 2:
@@ -96,15 +99,15 @@ def parse_task(task: str) -> dict:
 
 
 def task_nfe(kwargs: dict, T: int = T_DDPM) -> int:
-    """タスクのネットワーク評価回数 (reference は 0)。"""
-    if kwargs["task"] == "reference":
+    """タスクのネットワーク評価回数 (reference と reconstruction は 0)。"""
+    if kwargs["task"] in ("reference", "reconstruction"):
         return 0
     return nfe(kwargs["method"], kwargs.get("steps", 0), T)
 
 
 def task_objective(kwargs: dict) -> str | None:
     """タスクが要るモデルの種類: "flow"、"eps"、どちらでもよい reference なら None。"""
-    if kwargs["task"] == "reference":
+    if kwargs["task"] in ("reference", "reconstruction"):
         return None
     return "flow" if kwargs["method"] in FLOW_METHODS else "eps"
 
@@ -191,7 +194,8 @@ def choose(path: Path, n: int, command: str) -> dict:
     """
     ev = read_json(path).get("eval", {})
     vals = [v for v in ev.values()
-            if v.get("split") == "val" and v.get("n") == n and v.get("task") != "reference"
+            if v.get("split") == "val" and v.get("n") == n
+            and v.get("task") not in ("reference", "reconstruction")
             and v.get("sampler_seed", DEFAULT_SEED) == DEFAULT_SEED]
     cands = {v["task"]: v["fid"] for v in vals}
     if not cands:
@@ -221,6 +225,16 @@ def run_task(kwargs: dict, model, sched, clf, images: torch.Tensor, labels: torc
     if kwargs["task"] == "reference":
         res = real_reference(clf, images, labels, split, n)
         return {**res, "seconds": time.time() - t0, "method": "reference", "nfe": 0}
+    if kwargs["task"] == "reconstruction":  # 本物の組 1 → 自己符号化器 → 参照集合 (組 0) と比べる
+        blocks = balanced_blocks(labels, split, n)
+        ae = model.autoencoder
+        x = torch.cat([ae.decode(ae.encode(images[b].to(device))).cpu()
+                       for b in blocks[1].split(batch_size)])
+        res = score_samples(clf, x, images[blocks[0]])
+        res.update(seconds=time.time() - t0, method="reconstruction", nfe=0,
+                   accuracy=classifier_accuracy(clf, x, labels[blocks[1]]),
+                   mse=torch.mean((x - images[blocks[1]]) ** 2).item())
+        return res
     y = balanced_labels(n)
     sample_kwargs = {k: v for k, v in kwargs.items() if k != "task"}
     x = sample_many(model, sched, n, batch_size=batch_size, seed=seed, y=y, device=device,

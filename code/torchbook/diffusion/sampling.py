@@ -204,6 +204,13 @@ def check_sampler(model: nn.Module, sched: NoiseSchedule | None, method: str | N
     return method
 
 
+def to_images(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """サンプラーの最後の x を画像にします: 潜在空間のモデル (``decode_latents`` を持つ) なら
+    デコーダーを通し、画素のモデルなら [-1, 1] に切り詰めます。"""
+    decode = getattr(model, "decode_latents", None)
+    return (decode(x) if decode is not None else x.clamp(-1, 1)).cpu()
+
+
 @torch.no_grad()
 def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Tensor | None = None,
            guidance_scale: float = DEFAULT_GUIDANCE, method: str | None = None,
@@ -212,6 +219,9 @@ def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Te
            progress: bool = False, x_T: torch.Tensor | None = None, clip: bool = True,
            callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
     """純粋なノイズ x_T ~ N(0, I) から n 個の標本 (n, *model.sample_shape)・[-1, 1] を作ります。
+
+    潜在空間のモデル (``latent.LatentFlow``) では x_T は潜在変数の形で、返すのは
+    デコーダーを通した画像です (``to_images``)。
 
     サンプラーの種類はモデルの ``model.objective`` に合わせます (UNet・ToyDenoiser の
     コンストラクターと ``checkpoint.load_checkpoint`` が設定します。``check_sampler``)。
@@ -269,7 +279,7 @@ def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Te
         for i in tqdm(range(steps), desc=method, disable=not progress):
             x = flow_step(predict, x, times[i], times[i + 1], method)
             record(i + 1, times[i + 1], x)
-        return x.clamp(-1, 1).cpu()
+        return to_images(model, x)
     record(0, sched.T, x)
     if method == "ddpm":
         bar = tqdm(total=sched.T, desc=method, disable=not progress)
@@ -280,7 +290,7 @@ def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Te
 
         x = ddpm_sample_loop(predict, sched, x, randn, clip, after_step)
         bar.close()
-        return x.clamp(-1, 1).cpu()
+        return to_images(model, x)
     times = ddim_timesteps(sched.T, steps, spacing)
     x0_last = None  # DPM-Solver++ が覚えておく 1 つ前の x̂_0
     for i, t in enumerate(tqdm(times, desc=method, disable=not progress)):
@@ -294,7 +304,7 @@ def sample(model: nn.Module, sched: NoiseSchedule | None, n: int, *, y: torch.Te
             x0_last = x0
         # 論文の番号 (1..T、x_0 が 0) で記録する。コードの t から 1 ステップ戻った x は論文の x_t
         record(i + 1, t_prev + 1, x)
-    return x.clamp(-1, 1).cpu()
+    return to_images(model, x)
 
 
 @torch.no_grad()

@@ -4,6 +4,11 @@
 
     python -m torchbook.diffusion.train --data-root data --download --steps 500 --out runs/ddpm
     python -m torchbook.diffusion.train --objective flow --steps 500 --out runs/flow
+    python -m torchbook.diffusion.train --latent ae.pt --steps 500 --out runs/latent
+
+``--latent AUTOENCODER.pt`` は潜在拡散です。``train_autoencoder`` で作った自己符号化器で
+学習画像を潜在変数 (例: 4×8×8) に変え、その空間でフローマッチングのモデル
+(``latent.LatentFlow``: クラス名へのクロスアテンションつきの小さな UNet) を学習します。
 
 ``--save-every`` ごとに、決まったノイズから作った 10 枚 (クラス 0〜9) の見本を
 チェックポイントの ``previews`` に残します (学習が進むと画像がどう良くなるかの記録)。
@@ -41,16 +46,20 @@ from tqdm import tqdm
 
 from . import options
 from .algorithms import ddpm_train_step, flow_train_step
+from .autoencoder import encode_all
 from .checkpoint import (
     atomic_write_text,
     command_line,
     git_commit,
+    load_autoencoder,
+    read_autoencoder,
     read_diffusion,
     restore_training,
     save_checkpoint,
 )
 from .data import load_tensors
-from .device import fast_formats, get_device
+from .device import cpu_model, fast_formats, get_device
+from .latent import LatentFlow, LatentUNet
 from .sampling import sample
 from .schedule import NoiseSchedule
 from .training import EMA, lr_scheduler
@@ -62,7 +71,7 @@ MAX_GRAD_NORM = 1.0  # 勾配のノルムの上限
 # 学習の形を決める設定 (チェックポイントの config に保存し、--resume のときに比べる)
 RUN_SETTINGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "ema_decay", "p_uncond",
                 "objective", "time_sampling", "schedule", "T", "channels", "patch_size", "seed",
-                "limit")
+                "limit", "latent")
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -141,17 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="重みの指数移動平均 (EMA) の減衰率")
     p.add_argument("--p-uncond", type=options.probability, default=0.1,
                    help="ラベルを落とす確率 (CFG 用)")
-    p.add_argument("--objective", default="eps", choices=["eps", "flow"],
-                   help="eps: DDPM (ε 予測)、flow: フローマッチング (速度 v 予測)")
+    p.add_argument("--objective", default=None, choices=["eps", "flow"],
+                   help="eps: DDPM (ε 予測。既定)、flow: フローマッチング (速度 v 予測。"
+                   "--latent では flow だけ)")
+    p.add_argument("--latent", default=None, metavar="AUTOENCODER.pt",
+                   help="この自己符号化器の潜在空間でフローマッチングのモデルを学習する (潜在拡散)")
     p.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit-normal"],
                    help="フローマッチングで t をどう選ぶか (--objective eps では使いません)")
     p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"],
                    help="DDPM のノイズスケジュール (--objective flow では使いません)")
     p.add_argument("--T", type=options.positive_int, default=1000, help="拡散のステップ数")
-    p.add_argument("--channels", type=options.channel_list, default=(32, 64, 128),
-                   help="各解像度のチャンネル数 (例: 32,64,128)")
+    p.add_argument("--channels", type=options.channel_list, default=None,
+                   help="各解像度のチャンネル数 (既定: 画素は 32,64,128、--latent は 32,64)")
     p.add_argument("--patch-size", type=options.patch_size, default=2,
-                   help="UNet が最初に画像を分ける小区画の一辺 (1, 2, 4)")
+                   help="UNet が最初に画像を分ける小区画の一辺 (1, 2, 4。--latent では使いません)")
     p.add_argument("--seed", type=int, default=0, help="シード")
     options.add_device_argument(p)
     p.add_argument("--threads", type=options.positive_int, default=None,
@@ -185,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.latent is not None:
+        if args.objective == "eps":
+            p.error("--latent はフローマッチングだけです: "
+                    "--objective eps を外すか flow にしてください")
+        args.objective = "flow"
+        if not Path(args.latent).is_file():
+            p.error(f"--latent {args.latent} がありません (train_autoencoder で作ってください)")
+        try:
+            read_autoencoder(args.latent)
+        except ValueError as e:
+            p.error(f"--latent: {e}")
+    args.objective = args.objective or "eps"
+    if args.channels is None:
+        args.channels = (32, 64) if args.latent else (32, 64, 128)
     if args.resume and args.force:
         p.error("--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)")
     if args.dry_run:
@@ -228,12 +254,23 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(str(e)) from None
     if args.limit:
         x_all, y_all = x_all[: args.limit], y_all[: args.limit]
+    encode_seconds = 0.0
+    if args.latent:  # 潜在拡散: 学習画像を一度だけ潜在変数 (μ・latent_scale 倍) に変える
+        ae, _ = load_autoencoder(args.latent, device)
+        t0, c0 = time.time(), time.process_time()
+        x_all = encode_all(ae, x_all, device=device)
+        encode_seconds = time.process_time() - c0
+        print(f"学習画像 {len(x_all):,} 枚を潜在変数 {tuple(x_all.shape[1:])} に変えました "
+              f"({time.time() - t0:.1f} 秒, 標準偏差 {x_all.std().item():.3f})")
 
     flow = args.objective == "flow"
     sched = None if flow else NoiseSchedule.from_name(args.schedule, args.T)
     schedule_name = "flow" if flow else args.schedule
-    model = UNet(channels=args.channels, patch_size=args.patch_size,
-                 objective=args.objective).to(device)
+    if args.latent:
+        model = LatentFlow(LatentUNet(ae.latent_channels, args.channels), ae).to(device)
+    else:
+        model = UNet(channels=args.channels, patch_size=args.patch_size,
+                     objective=args.objective).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay)
@@ -246,12 +283,15 @@ def main(argv: list[str] | None = None) -> dict:
         step = restore_training(ckpt, model, ema, opt, lr_sched, gen)
         history = ckpt["extra"].get("history", [])
         elapsed_before = ckpt["extra"].get("wall_seconds", 0.0)
-        cpu_before = ckpt["extra"].get("cpu_seconds", 0.0)
+        cpu_before = ckpt["extra"].get("cpu_seconds", 0.0) - encode_seconds
         previews = ckpt.get("previews", {})
         print(f"{last} のステップ {step} から再開します")
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"UNet {args.channels} patch {args.patch_size}: {n_params:,} パラメーター, "
+    kind = f"LatentUNet {args.channels}" if args.latent else \
+        f"UNet {args.channels} patch {args.patch_size}"
+    print(f"{kind}: {n_params:,} パラメーター (学習するもの "
+          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}), "
           f"device={device}, bf16={bf16}, channels_last={channels_last}, "
           f"threads={torch.get_num_threads()}")
     t_start, cpu_start = time.time(), time.process_time()
@@ -261,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     def extra() -> dict:
         return {"history": history, "wall_seconds": elapsed_before + time.time() - t_start,
                 # プロセスの CPU 時間 (全スレッドの合計)。計算量の比較にはこちらを使う
-                "cpu_seconds": cpu_before + time.process_time() - cpu_start,
+                "cpu_seconds": cpu_before + encode_seconds + time.process_time() - cpu_start,
                 "args": {k: (list(v) if isinstance(v, tuple) else str(v)
                              if isinstance(v, torch.device) else v)
                          for k, v in vars(args).items() if k != "resume_from"},
@@ -344,9 +384,15 @@ def main(argv: list[str] | None = None) -> dict:
         info = {"command": command, "commit": git_commit(), "device": str(device),
                 "bf16": bf16, "channels_last": channels_last,
                 "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(),
+                "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "python": platform.python_version(), "torch": str(torch.__version__),
                 **summary}
+        if args.latent:  # 自己符号化器の学習の記録も添える (合計の学習時間を出すため)
+            ae_extra = read_autoencoder(args.latent)["extra"]
+            info["autoencoder"] = {"path": str(args.latent), **{
+                k: ae_extra.get(k) for k in ("command", "cpu_seconds", "wall_seconds", "val_mse",
+                                             "latent_shape", "latent_scale", "beta", "step")}}
         try:
             save_checkpoint(args.export, model, ema, schedule_name, args.T, info,
                             ema_only=True, step=step, objective=args.objective, previews=previews)

@@ -1,0 +1,265 @@
+"""潜在拡散の自己符号化器 (``autoencoder.Autoencoder``) を Fashion-MNIST で学習する CLI。
+
+例 (このフォルダーをコピーした先では ``torchbook.`` を除きます)::
+
+    python -m torchbook.diffusion.train_autoencoder --latent-channels 4 --steps 3000 \\
+        --out runs/ae4 --export ae4.pt
+
+学習画像 60,000 枚のうち、決まった 5,000 枚 (``--val-size``) を学習に使わず、
+再構成誤差を測る検証用に取っておきます (潜在変数の形はこの値で選びます)。
+終わると潜在変数の標準偏差が 1 になる ``latent_scale`` を決め、``--export`` に
+配布用の重みを、隣の ``.json`` に来歴 (コマンド、計算機、時間、検証の再構成誤差) を書きます。
+途中から再開するときは同じコマンドに ``--resume`` を付けます。
+"""
+
+from __future__ import annotations
+
+if not __package__:  # ファイルを直接実行した: 下の相対 import の代わりに -m を 1 行で案内する
+    import direct_run  # noqa: F401
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import options
+from .autoencoder import (
+    Autoencoder,
+    fit_latent_scale,
+    kl_divergence,
+    reconstruction_error,
+    vae_loss,
+)
+from .checkpoint import (
+    atomic_write_text,
+    command_line,
+    git_commit,
+    read_autoencoder,
+    save_autoencoder,
+)
+from .data import load_tensors
+from .device import cpu_model, fast_formats, get_device
+
+SPLIT_SEED = 0  # 学習用と検証用に分ける並べ替えのシード
+
+
+def split_train_val(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """0..n-1 を決まった順に並べ替え、(学習用, 検証用) の番号に分けます。"""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return perm[val_size:], perm[:val_size]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
+    p = argparse.ArgumentParser(
+        description="潜在拡散のための KL 正則化つき自己符号化器 (VAE) を"
+                    "Fashion-MNIST で学習します",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
+    p.add_argument("--download", action="store_true",
+                   help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
+    p.add_argument("--out", default="runs/autoencoder", help="last.pt を書くフォルダー")
+    p.add_argument("--latent-channels", type=options.positive_int, default=4,
+                   help="潜在変数 (8×8) のチャネル数")
+    p.add_argument("--width", type=options.channel_list, default=(32,),
+                   help="畳み込みのチャネル数の基準 (8 の倍数)")
+    p.add_argument("--beta", type=options.nonneg_float, default=1e-3,
+                   help="KL の重み β (損失 = ‖x - x̂‖² + β·KL)")
+    p.add_argument("--steps", type=options.positive_int, default=3000, help="学習ステップ数")
+    p.add_argument("--batch-size", type=options.positive_int, default=128, help="バッチサイズ")
+    p.add_argument("--lr", type=options.positive_float, default=2e-3,
+                   help="学習率の最大値 (5%% のウォームアップの後、コサインで 0.05 倍まで)")
+    p.add_argument("--val-size", type=options.positive_int, default=5000,
+                   help="学習に使わず再構成誤差を測る画像の枚数")
+    p.add_argument("--seed", type=int, default=0, help="シード")
+    options.add_device_argument(p)
+    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
+    p.add_argument("--save-every", type=options.positive_int, default=500,
+                   help="何ステップごとに last.pt を保存するか")
+    p.add_argument("--log-every", type=options.positive_int, default=100,
+                   help="何ステップごとに損失を記録するか")
+    p.add_argument("--max-minutes", type=options.positive_float, default=None,
+                   help="この時間で学習を打ち切る")
+    p.add_argument("--resume", action="store_true", help="out/last.pt から再開する")
+    p.add_argument("--force", action="store_true",
+                   help="out/last.pt や --export のファイルがあっても上書きする")
+    p.add_argument("--export", default=None,
+                   help="最後に配布用の重みをここ (.pt) へ、来歴を隣の .json へ保存する")
+    p.add_argument("--limit", type=options.positive_int, default=None,
+                   help="学習画像の枚数を制限する (試し用)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if len(args.width) != 1:
+        p.error(f"--width は 1 つの数にしてください (受け取ったのは {args.width})")
+    args.width = args.width[0]
+    if args.resume and args.force:
+        p.error("--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)")
+    if args.dry_run:
+        return args
+    out = options.check_folder(p, args.out, "--out")
+    last = out / "last.pt"
+    if args.resume and not last.is_file():
+        p.error(f"--resume: {last} がないので再開できません (--resume を外すと最初から学習します)")
+    if last.is_file() and not (args.resume or args.force):
+        p.error(f"{last} に前の学習があります。続けるなら --resume、"
+                "捨てて最初からやり直すなら --force を付けるか、別の --out を指定してください")
+    if args.export:
+        export = options.check_output(p, args.export, "--export", (".pt",))
+        for f in (export, export.with_suffix(".json")):
+            if f.exists() and not args.force:
+                p.error(f"--export: {f} がすでにあります。上書きするなら --force を付けてください")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    command = command_line(__spec__.name if __spec__ else __name__, argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or get_device()
+    bf16, _ = fast_formats(device, args.bf16)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.dry_run:
+        x_all = torch.rand(64, 1, 32, 32) * 2 - 1
+        args.steps, args.val_size = min(args.steps, 2), 16
+    else:
+        try:
+            x_all, _ = load_tensors(args.data_root, train=True, download=args.download)
+        except (OSError, ValueError) as e:  # データが無い・壊れている: 直し方を 1 行で
+            raise SystemExit(str(e)) from None
+    if args.val_size >= len(x_all):
+        raise SystemExit(f"--val-size {args.val_size} は画像の枚数 {len(x_all)} より小さくして"
+                         "ください")
+    train_idx, val_idx = split_train_val(len(x_all), args.val_size)
+    x_train, x_val = x_all[train_idx], x_all[val_idx]
+    if args.limit:
+        x_train = x_train[: args.limit]
+
+    model = Autoencoder(args.latent_channels, args.width).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    last = Path(args.out) / "last.pt"
+    step, history, wall_before, cpu_before = 0, [], 0.0, 0.0
+    if args.resume:
+        try:
+            ckpt = read_autoencoder(last)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if ckpt["autoencoder"] != model.config or "optimizer" not in ckpt:
+            raise SystemExit(f"{last} は別の構成 ({ckpt['autoencoder']}) か配布用のファイルです。"
+                             "同じ --latent-channels と --width で再開してください")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        gen.set_state(ckpt["generator"])
+        step = ckpt["step"]
+        history = ckpt["extra"].get("history", [])
+        wall_before = ckpt["extra"].get("wall_seconds", 0.0)
+        cpu_before = ckpt["extra"].get("cpu_seconds", 0.0)
+        print(f"{last} のステップ {step} から再開します")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Autoencoder latent {model.latent_shape}: {n_params:,} パラメーター, device={device}, "
+          f"bf16={bf16}, threads={torch.get_num_threads()}")
+    t_start, cpu_start = time.time(), time.process_time()
+
+    def lr_at(s: int) -> float:  # 5% の線形ウォームアップの後、コサインで 0.05 倍まで
+        warm = max(1, args.steps // 20)
+        if s < warm:
+            return (s + 1) / warm
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm)))
+
+    def extra() -> dict:
+        return {"history": history, "wall_seconds": wall_before + time.time() - t_start,
+                "cpu_seconds": cpu_before + time.process_time() - cpu_start,
+                "args": {k: str(v) if isinstance(v, torch.device) else v
+                         for k, v in vars(args).items()},
+                "n_params": n_params}
+
+    def save() -> None:
+        if not args.dry_run:
+            save_autoencoder(last, model, step, extra(), opt, gen)
+
+    model.train()
+    sums = torch.zeros(3)
+    count = 0
+    bar = tqdm(total=args.steps, initial=step, desc="autoencoder", mininterval=5,
+               disable=not sys.stderr.isatty())
+    try:
+        while step < args.steps:
+            for g in opt.param_groups:
+                g["lr"] = args.lr * lr_at(step)
+            x = x_train[torch.randint(0, len(x_train), (args.batch_size,), generator=gen)]
+            x = x.to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                x_hat, mean, logvar = model(x, gen)
+            loss, rec, kl = vae_loss(x, x_hat, mean, logvar, args.beta)
+            if not math.isfinite(loss.item()):
+                raise SystemExit(f"ステップ {step + 1} で損失が {loss.item()} になりました。"
+                                 "--lr を下げてください (保存済みの last.pt はそのままです)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            sums += torch.tensor([loss.item(), rec.item(), kl.item()])
+            count += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == args.steps:
+                history.append([step, *(sums / count).tolist()])  # [ステップ, 損失, 再構成, KL]
+                bar.set_postfix(loss=f"{history[-1][1]:.3f}", kl=f"{history[-1][3]:.1f}")
+                sums.zero_()
+                count = 0
+            timeout = (args.max_minutes is not None
+                       and time.time() - t_start > args.max_minutes * 60)
+            if step % args.save_every == 0 or step == args.steps or timeout:
+                save()
+            if timeout:
+                print(f"--max-minutes {args.max_minutes} に達したのでステップ {step} で止めます")
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        save()
+        print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
+              "(同じコマンドに --resume を付けると続きから学習します)")
+        raise SystemExit(130) from None
+    bar.close()
+    model.eval()
+    scale = fit_latent_scale(model, x_train[:10000])
+    val_mse = reconstruction_error(model, x_val)
+    with torch.no_grad():
+        mean, logvar = model.encoder(x_val[:1000].to(device))
+        val_kl = kl_divergence(mean, logvar).item()
+    summary = extra()
+    summary.update(step=step, latent_shape=list(model.latent_shape), latent_scale=scale,
+                   val_mse=val_mse, val_kl=val_kl, val_size=args.val_size, beta=args.beta)
+    print(f"完了: ステップ {step}, 検証の再構成誤差 (1 画素の二乗誤差) {val_mse:.5f}, "
+          f"KL {val_kl:.1f}, latent_scale {scale:.4f}")
+    if args.export and not args.dry_run:
+        info = {"command": command, "commit": git_commit(), "device": str(device), "bf16": bf16,
+                "threads": torch.get_num_threads(),
+                "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+                "python": platform.python_version(), "torch": str(torch.__version__),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **summary}
+        save_autoencoder(args.export, model, step, info, export=True)
+        atomic_write_text(Path(args.export).with_suffix(".json"),
+                          json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+        print(f"重みを {args.export} に書きました")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
