@@ -69,8 +69,8 @@ class Decoder(nn.Module):
 class Autoencoder(nn.Module):
     """KL 正則化つきの畳み込み自己符号化器 (VAE)。
 
-    - ``latent_channels``: 潜在変数のチャネル数 (8×8 の各位置に何個の数を置くか)。
-    - ``width``: 畳み込みのチャネル数の基準。
+    - ``latent_channels``: 潜在変数のチャンネル数 (8×8 の各位置に何個の数を置くか)。
+    - ``width``: 畳み込みのチャンネル数の基準。
     - ``latent_scale``: 潜在変数に掛けて標準偏差をおよそ 1 にする数。学習の後に
       ``fit_latent_scale`` で決めます (拡散モデルのノイズ N(0, I) と大きさを揃えるため。
       Stable Diffusion の 0.18215 と同じ役目です)。

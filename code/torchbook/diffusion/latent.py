@@ -109,8 +109,8 @@ class LatentFlow(nn.Module):
     def __init__(self, unet: LatentUNet, autoencoder: Autoencoder) -> None:
         super().__init__()
         if unet.in_channels != autoencoder.latent_channels:
-            raise ValueError(f"LatentUNet の入力 {unet.in_channels} チャネルと自己符号化器の"
-                             f"潜在変数 {autoencoder.latent_channels} チャネルが合いません")
+            raise ValueError(f"LatentUNet の入力 {unet.in_channels} チャンネルと自己符号化器の"
+                             f"潜在変数 {autoencoder.latent_channels} チャンネルが合いません")
         self.unet = unet
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.sample_shape = autoencoder.latent_shape

@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
     p.add_argument("--out", default="runs/autoencoder", help="last.pt を書くフォルダー")
     p.add_argument("--latent-channels", type=options.positive_int, default=4,
-                   help="潜在変数 (8×8) のチャネル数")
+                   help="潜在変数 (8×8) のチャンネル数")
     p.add_argument("--width", type=options.channel_list, default=(32,),
-                   help="畳み込みのチャネル数の基準 (8 の倍数)")
+                   help="畳み込みのチャンネル数の基準 (8 の倍数)")
     p.add_argument("--beta", type=options.nonneg_float, default=1e-3,
                    help="KL の重み β (損失 = ‖x - x̂‖² + β·KL)")
     p.add_argument("--steps", type=options.positive_int, default=3000, help="学習ステップ数")
