@@ -39,6 +39,8 @@ SITE_PDF = f"_downloads/{PDF_NAME}"  # サイトの中の置き場所 (どのペ
 DEMO = re.compile(r'class="torchbook-demo"[^>]*data-demo="([a-z0-9-]+)"')
 COMMENT = re.compile(r"<!--.*?-->", re.S)
 # text/plain しか残らないとき、その中身がオブジェクトの表示だけなら、PDF では中身が失われる
+# これより行の多い表は PDF でページをまたげるようにする (1 ページの 3 分の 1 ほど)
+LONG_TABLE_ROWS = 8
 OBJECT_REPR = re.compile(r"^<[\w.]+ (object|at 0x[0-9a-f]+)[^>]*>$")
 # myst-nb が LaTeX で選べる出力の形 (text/plain 以外)。SVG は _config.yml で加えたもの
 PDF_MIMES = ("application/pdf", "image/png", "image/jpeg", "image/svg+xml", "text/latex",
@@ -176,6 +178,27 @@ class PdfSolutions(SphinxPostTransform):
             cell.parent.insert(cell.parent.index(cell), para)
 
 
+class PdfLongTables(SphinxPostTransform):
+    """LaTeX だけ: 行の多い表を longtable にして、ページをまたげるようにします。
+
+    Sphinx は表を既定で分けられない箱 (tabulary) にします。ページの残りに入らない表は
+    次のページへ送られ、前のページの下半分が空白になります。
+    """
+
+    default_priority = 400
+    formats = ("latex",)
+
+    def run(self, **kwargs: Any) -> None:
+        for table in self.document.findall(nodes.table):
+            if count_body_rows(table) > LONG_TABLE_ROWS and "longtable" not in table["classes"]:
+                table["classes"].append("longtable")
+
+
+def count_body_rows(table: nodes.table) -> int:
+    """表の本体 (見出しの行を除く) の行数。"""
+    return sum(len(body.children) for body in table.findall(nodes.tbody))
+
+
 def solution_label(prompt: str) -> str:
     """折りたたみのボタンの文言 (「解答のコードを表示」) から、PDF の見出し (「解答のコード」)。"""
     prompt = re.sub(r"\{type\}", "コード", prompt or "").strip()
@@ -267,4 +290,5 @@ def setup(app: Sphinx) -> dict:
     app.connect("html-page-context", _add_pdf_link, priority=503)
     app.add_post_transform(PdfDemos)
     app.add_post_transform(PdfSolutions)
+    app.add_post_transform(PdfLongTables)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -40,6 +40,9 @@ def notebook(extra_html_output: bool) -> dict:
             "text/html": DEMO.replace("mnist", "diffusion"),
             "text/plain": "<IPython.core.display.HTML object>"})]),
         {"cell_type": "markdown", "metadata": {},
+         "source": "| 列 | 値 |\n|---|---|\n" + "".join(f"| {i} | {i * i} |\n" for i in range(12))
+                   + "\n| 短 | 表 |\n|---|---|\n| 1 | 2 |\n"},
+        {"cell_type": "markdown", "metadata": {},
          "source": "```{admonition} 解答\n:class: dropdown\n解答の説明の文です。\n```\n"},
         code("# 解答のコメント\nanswer = 42", [
             {"output_type": "stream", "name": "stdout", "text": "解答の出力 42\n"}],
@@ -113,6 +116,13 @@ def test_hidden_solution_code_is_printed_with_a_label(tmp_path, monkeypatch):
     # 折りたたみの解答 (dropdown) は、開いた囲みとして中身ごと
     assert r"\begin{sphinxadmonition}{note}{解答}" in tex and "解答の説明の文です。" in tex
     assert r"\sphinxstylestrong{解答のコード}" in tex  # 折りたたみのボタンの文言からの見出し
+
+
+def test_long_tables_can_break_across_pages(tmp_path, monkeypatch):
+    # 12 行の表は longtable (ページをまたげる)、1 行の表は分けない箱のまま
+    tex, _ = build_latex(tmp_path, monkeypatch)
+    assert tex.count(r"\begin{longtable}") == 1
+    assert tex.count(r"\begin{tabulary}") == 1
 
 
 def test_html_that_would_vanish_from_the_pdf_is_a_warning(tmp_path, monkeypatch):
