@@ -114,7 +114,8 @@ def test_train_toy_flow_variant(mix):
     a, la = toy.train_toy(mix, None, steps=5, seed=3, hidden=8)
     b, lb = toy.train_toy(mix, None, steps=5, seed=3, hidden=8)
     assert a.objective == "flow" and la == lb
-    assert toy.train_toy(mix, NoiseSchedule.from_name("cosine"), steps=2, hidden=8)[0].objective == "eps"
+    eps_model, _ = toy.train_toy(mix, NoiseSchedule.from_name("cosine"), steps=2, hidden=8)
+    assert eps_model.objective == "eps"
     with pytest.raises(ValueError, match="objective"):
         toy.ToyDenoiser(objective="v")
 

@@ -42,7 +42,8 @@ def reflow_pairs(model: nn.Module, n: int, steps: int = 10, method: str = DEFAUL
     """
     _check_flow(model)
     if n < 1 or steps < 1 or batch_size < 1:
-        raise ValueError(f"n・steps・batch_size は 1 以上にしてください ({n}, {steps}, {batch_size})")
+        raise ValueError(f"n・steps・batch_size は 1 以上にしてください "
+                         f"({n}, {steps}, {batch_size})")
     num_classes = getattr(model, "null_class", None)
     if conditional is None:
         conditional = num_classes is not None
@@ -51,15 +52,18 @@ def reflow_pairs(model: nn.Module, n: int, steps: int = 10, method: str = DEFAUL
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *model.sample_shape), generator=gen)
     y = torch.randint(0, num_classes, (n,), generator=gen) if conditional else None
-    data = []
+    data, last = [], {}
+
+    def keep_end(k: int, t: float, x: torch.Tensor) -> None:
+        if k == steps:  # ODE の最後の x (切り詰め・デコードの前)
+            last["x"] = x.float().cpu()
+
     for i in range(0, n, batch_size):
-        end: list[torch.Tensor] = []  # ODE の最後の x (切り詰め・デコードの前)
         yb = y[i : i + batch_size] if y is not None else None
         sample(model, None, len(noise[i : i + batch_size]), y=yb, method=method, steps=steps,
                guidance_scale=guidance_scale, x_T=noise[i : i + batch_size], device=device,
-               bf16=bf16, progress=progress,
-               callback=lambda k, t, x: end.append(x.float().cpu()) if k == steps else None)
-        data.append(end[0])
+               bf16=bf16, progress=progress, callback=keep_end)
+        data.append(last["x"])
     return noise, torch.cat(data), y
 
 
@@ -73,7 +77,8 @@ def straightness(times: list[float], xs: torch.Tensor) -> tuple[float, float]:
       向きを変えずに進むなら 1 で、曲がるほど大きくなります。
     """
     if len(times) != len(xs) or len(times) < 2:
-        raise ValueError(f"times ({len(times)}) と xs ({len(xs)}) は同じ長さ (2 以上) にしてください")
+        raise ValueError(f"times ({len(times)}) と xs ({len(xs)}) は同じ長さ (2 以上) に"
+                         "してください")
     xs = xs.double().flatten(2)  # (K+1, N, D)
     t = torch.tensor(times, dtype=torch.float64)
     dt = t[1:] - t[:-1]  # (K,) 負 (t は 1 から 0 へ減る)
@@ -91,7 +96,8 @@ def straightness(times: list[float], xs: torch.Tensor) -> tuple[float, float]:
 def measure_straightness(model: nn.Module, n: int = 500, steps: int = 100,
                          method: str = "euler", seed: int = 0, y: torch.Tensor | None = None,
                          device: str | torch.device = "cpu") -> tuple[float, float]:
-    """n 本の経路 (ノイズは seed から) を細かい steps ステップで解き、``straightness`` を返します。"""
+    """n 本の経路 (ノイズは seed から) を細かい steps ステップで解き、``straightness`` を
+    返します。"""
     _check_flow(model)
     _, traj = sample_trajectory(model, None, n, method=method, steps=steps, seed=seed, y=y,
                                 device=device)

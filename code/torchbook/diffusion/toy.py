@@ -214,7 +214,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed
     輸送になることを使います。分布が同じなら 0 に近く、ずれるほど大きくなります。
     """
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"a {tuple(a.shape)} と b {tuple(b.shape)} は同じ (N, D) の形にしてください")
+        raise ValueError(f"a {tuple(a.shape)} と b {tuple(b.shape)} は同じ (N, D) の形に"
+                         "してください")
     gen = torch.Generator().manual_seed(seed)
     dirs = torch.randn(a.shape[1], n_proj, generator=gen, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
