@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
 import torch
+from diffusion_fixtures import tiny_unet
 
-from torchbook.diffusion import losses, reflow, sampling, toy
+from torchbook.diffusion import losses, reflow, sampling, toy, train
+from torchbook.diffusion.checkpoint import (
+    FLOW_KIND,
+    load_checkpoint,
+    read_diffusion,
+    save_checkpoint,
+)
 from torchbook.diffusion.schedule import NoiseSchedule
+from torchbook.diffusion.training import EMA
 
 
 class _Field(torch.nn.Module):
@@ -146,3 +155,113 @@ def test_sliced_wasserstein(mix):
                                                                               rel=0.05)
     with pytest.raises(ValueError, match="同じ"):
         toy.sliced_wasserstein(a, a[:10])
+
+
+# ---------------------------------------------------------------- CLI (reflow と train --pairs)
+
+
+def _save_tiny(path, objective: str = "flow", seed: int = 0) -> None:
+    """小さな UNet (16, 32) を配布用のチェックポイントとして保存します。"""
+    model = tiny_unet(seed)
+    model.objective = objective
+    save_checkpoint(path, model, EMA(model, 0.9), "flow" if objective == "flow" else "cosine",
+                    1000, ema_only=True, objective=objective)
+
+
+def _reflow_args(tmp_path, out="pairs.pt", *extra) -> list[str]:
+    return ["--checkpoint", str(tmp_path / "flow.pt"), "--out", str(tmp_path / out), "--n", "5",
+            "--steps", "2", "--batch-size", "3", "--threads", "1", "--device", "cpu",
+            "--no-bf16", *extra]
+
+
+def test_reflow_cli_writes_deterministic_pairs_with_provenance(tmp_path):
+    _save_tiny(tmp_path / "flow.pt")
+    info = reflow.main(_reflow_args(tmp_path))
+    pairs = reflow.read_pairs(tmp_path / "pairs.pt")
+    assert pairs["noise"].shape == pairs["data"].shape == (5, 1, 32, 32)
+    assert pairs["y"].shape == (5,)
+    prov = json.loads((tmp_path / "pairs.json").read_text())["reflow_pairs"]
+    assert prov["n"] == 5 and prov["method"] == "heun" and prov["steps"] == 2
+    assert prov == info and prov["command"].startswith("python -m torchbook.diffusion.reflow")
+    reflow.main(_reflow_args(tmp_path, "again.pt"))
+    again = reflow.read_pairs(tmp_path / "again.pt")
+    for k in ("noise", "data", "y"):
+        torch.testing.assert_close(again[k], pairs[k])
+    # 組の画像は、同じモデルで同じノイズから解いた ODE の終点
+    model, _, _ = load_checkpoint(tmp_path / "flow.pt")
+    _, traj = sampling.sample_trajectory(model, None, 5, y=pairs["y"], steps=2,
+                                         x_T=pairs["noise"])
+    torch.testing.assert_close(pairs["data"], traj[-1][1])
+
+
+def test_reflow_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    _save_tiny(tmp_path / "flow.pt")
+    _save_tiny(tmp_path / "eps.pt", objective="eps")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    (tmp_path / "taken.pt").write_bytes(b"x")
+    cases = [
+        (["--n", "0"], "--n"),
+        (["--steps", "-1"], "--steps"),
+        (["--method", "ddim"], "--method"),
+        (["--checkpoint", str(tmp_path / "eps.pt")], "torchbook-ddpm-v1"),
+        (["--checkpoint", str(tmp_path / "text.pt")], "読めません"),
+        (["--checkpoint", str(tmp_path / "none.pt")], "ありません"),
+        (["--out", str(tmp_path / "taken.pt")], "--force"),
+        (["--out", str(tmp_path / "pairs.txt")], ".pt"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            reflow.main([*_reflow_args(tmp_path), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and needle in err[-1] and "Traceback" not in "".join(err), err
+    assert not (tmp_path / "pairs.pt").exists()
+    assert (tmp_path / "taken.pt").read_bytes() == b"x"
+
+
+def _train_args(tmp_path, *extra) -> list[str]:
+    return ["--init", str(tmp_path / "flow.pt"), "--pairs", str(tmp_path / "pairs.pt"),
+            "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+            "--channels", "16,32", "--threads", "1", "--device", "cpu", "--no-bf16",
+            "--warmup", "1", *extra]
+
+
+def test_train_fine_tunes_from_a_flow_checkpoint_on_pairs(tmp_path, capsys):
+    _save_tiny(tmp_path / "flow.pt")
+    reflow.main(_reflow_args(tmp_path))
+    train.main(_train_args(tmp_path, "--lr", "1e-9"))
+    last = read_diffusion(tmp_path / "run" / "last.pt")
+    assert last["kind"] == FLOW_KIND
+    assert last["config"]["init"] == str(tmp_path / "flow.pt")
+    assert last["config"]["pairs"] == str(tmp_path / "pairs.pt")
+    # 学習率がほぼ 0 なので、重みは --init のまま (乱数の初期値からではない)
+    init = read_diffusion(tmp_path / "flow.pt")["ema"]
+    for name, w in last["model"].items():
+        torch.testing.assert_close(w, init[name], rtol=0, atol=1e-6)
+    capsys.readouterr()
+    # --resume は --pairs と --init も比べる
+    _save_tiny(tmp_path / "other.pt", seed=1)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([*_train_args(tmp_path, "--lr", "1e-9", "--resume")[:1],
+                          str(tmp_path / "other.pt"),
+                          *_train_args(tmp_path, "--lr", "1e-9", "--resume")[2:]])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "--init" in err and "(保存)" in err, err
+
+
+def test_train_refuses_bad_reflow_options_in_one_line(tmp_path, capsys):
+    _save_tiny(tmp_path / "flow.pt")
+    _save_tiny(tmp_path / "eps.pt", objective="eps")
+    reflow.main(_reflow_args(tmp_path))
+    cases = [
+        (["--objective", "eps"], "--objective eps"),
+        (["--init", str(tmp_path / "eps.pt")], "torchbook-ddpm-v1"),
+        (["--init", str(tmp_path / "none.pt")], "ありません"),
+        (["--pairs", str(tmp_path / "flow.pt")], "torchbook-flow-v1"),
+        (["--channels", "16,64"], "--channels 16,32"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([*_train_args(tmp_path), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and needle in err[-1] and "Traceback" not in "".join(err), err
+    assert not (tmp_path / "run" / "last.pt").exists()
