@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusion_fixtures import tiny_unet
 
-from torchbook.diffusion import losses, reflow, sampling, toy, train
+from torchbook.diffusion import losses, make_pairs, reflow, sampling, toy, train
 from torchbook.diffusion.checkpoint import (
     FLOW_KIND,
     load_checkpoint,
@@ -176,14 +176,14 @@ def _reflow_args(tmp_path, out="pairs.pt", *extra) -> list[str]:
 
 def test_reflow_cli_writes_deterministic_pairs_with_provenance(tmp_path):
     _save_tiny(tmp_path / "flow.pt")
-    info = reflow.main(_reflow_args(tmp_path))
+    info = make_pairs.main(_reflow_args(tmp_path))
     pairs = reflow.read_pairs(tmp_path / "pairs.pt")
     assert pairs["noise"].shape == pairs["data"].shape == (5, 1, 32, 32)
     assert pairs["y"].shape == (5,)
     prov = json.loads((tmp_path / "pairs.json").read_text())["reflow_pairs"]
     assert prov["n"] == 5 and prov["method"] == "heun" and prov["steps"] == 2
-    assert prov == info and prov["command"].startswith("python -m torchbook.diffusion.reflow")
-    reflow.main(_reflow_args(tmp_path, "again.pt"))
+    assert prov == info and prov["command"].startswith("python -m torchbook.diffusion.make_pairs")
+    make_pairs.main(_reflow_args(tmp_path, "again.pt"))
     again = reflow.read_pairs(tmp_path / "again.pt")
     for k in ("noise", "data", "y"):
         torch.testing.assert_close(again[k], pairs[k])
@@ -211,7 +211,7 @@ def test_reflow_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     ]
     for extra, needle in cases:
         with pytest.raises(SystemExit) as e:
-            reflow.main([*_reflow_args(tmp_path), *extra])
+            make_pairs.main([*_reflow_args(tmp_path), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and needle in err[-1] and "Traceback" not in "".join(err), err
     assert not (tmp_path / "pairs.pt").exists()
@@ -227,7 +227,7 @@ def _train_args(tmp_path, *extra) -> list[str]:
 
 def test_train_fine_tunes_from_a_flow_checkpoint_on_pairs(tmp_path, capsys):
     _save_tiny(tmp_path / "flow.pt")
-    reflow.main(_reflow_args(tmp_path))
+    make_pairs.main(_reflow_args(tmp_path))
     train.main(_train_args(tmp_path, "--lr", "1e-9"))
     last = read_diffusion(tmp_path / "run" / "last.pt")
     assert last["kind"] == FLOW_KIND
@@ -251,7 +251,7 @@ def test_train_fine_tunes_from_a_flow_checkpoint_on_pairs(tmp_path, capsys):
 def test_train_refuses_bad_reflow_options_in_one_line(tmp_path, capsys):
     _save_tiny(tmp_path / "flow.pt")
     _save_tiny(tmp_path / "eps.pt", objective="eps")
-    reflow.main(_reflow_args(tmp_path))
+    make_pairs.main(_reflow_args(tmp_path))
     cases = [
         (["--objective", "eps"], "--objective eps"),
         (["--init", str(tmp_path / "eps.pt")], "torchbook-ddpm-v1"),

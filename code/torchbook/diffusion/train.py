@@ -25,7 +25,7 @@
 新しい ``--steps`` に合わせて描き直されるので、最初から長く学習したのとは同じになりません。
 
 リフロー (``reflow``): ``--init FLOW.pt`` でフローマッチングのモデルの重みから始め、
-``--pairs PAIRS.pt`` (``python -m torchbook.diffusion.reflow`` で作った組) のノイズと画像の
+``--pairs PAIRS.pt`` (``python -m torchbook.diffusion.make_pairs`` で作った組) のノイズと画像の
 組で学び直します。どちらも ``config`` に保存し、``--resume`` のときに比べます。
 """
 
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="FLOW.pt",
                    help="このフローマッチングのモデルの (EMA の) 重みから学習を始める (リフロー)")
     p.add_argument("--pairs", default=None, metavar="PAIRS.pt",
-                   help="reflow CLI の組 (ノイズ, 画像) で学習する (--objective flow だけ)")
+                   help="make_pairs CLI の組 (ノイズ, 画像) で学習する (--objective flow だけ)")
     p.add_argument("--dry-run", action="store_true",
                    help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
     return p
