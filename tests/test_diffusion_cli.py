@@ -28,8 +28,8 @@ from torchbook.diffusion import (
 
 LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
            "toy", "losses", "algorithms", "training", "evaluation", "direct_run",
-           "fashion_classifier", "autoencoder", "conditioning", "latent"}
-CLIS = {"train", "sample", "evaluate", "classifier", "train_autoencoder"}
+           "fashion_classifier", "autoencoder", "conditioning", "latent", "reflow"}
+CLIS = {"train", "sample", "evaluate", "classifier", "train_autoencoder", "make_pairs"}
 
 
 def local_imports(path: Path) -> set[str]:

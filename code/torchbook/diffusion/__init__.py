@@ -4,7 +4,7 @@
 ``algorithms`` (DDPM の学習とサンプリングのループ: Ho et al. 2020 の Algorithm 1・2)、
 ``sampling`` (DDPM・DDIM・DPM-Solver++・フローの ODE・ガイダンスと既定値)、
 ``losses`` (ε 予測とフローマッチングの損失)、``training`` (EMA と学習率のスケジュール)、
-``toy`` (2 次元の例)、
+``toy`` (2 次元の例)、``reflow`` (リフロー: ODE で作る組と直線性)、
 ``autoencoder`` (潜在拡散の自己符号化器 VAE)、``conditioning`` (クラス名へのクロスアテンション)、
 ``latent`` (潜在空間の UNet とフローのモデル)、
 ``checkpoint`` (ファイル形式と読み書き)、``data`` (Fashion-MNIST)、``metrics`` (FID・KID)、
@@ -12,5 +12,6 @@
 ``device`` (デバイスと bf16・channels_last の決定)、``options`` (CLI の引数の型と確認)。
 
 上の層 (CLI、``python -m <このフォルダー>.train`` のように実行): ``train``、``sample``、
-``evaluate``、``classifier``、``train_autoencoder``。CLI はほかの CLI を import しません。
+``evaluate``、``classifier``、``train_autoencoder``、``make_pairs``。
+CLI はほかの CLI を import しません。
 """

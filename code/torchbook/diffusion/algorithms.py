@@ -35,11 +35,13 @@ def ddpm_train_step(model: nn.Module, sched: NoiseSchedule, x0: torch.Tensor, y:
 def flow_train_step(model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
                     optimizer: torch.optim.Optimizer, p_uncond: float = 0.1,
                     generator: torch.Generator | None = None, max_grad_norm: float | None = None,
-                    bf16: bool = False, time_sampling: str = "uniform") -> float:
+                    bf16: bool = False, time_sampling: str = "uniform",
+                    noise: torch.Tensor | None = None) -> float:
     """フローマッチングの学習の 1 回。Algorithm 1 の損失を ``losses.flow_matching_loss`` に
-    替えただけです (t は 0〜1 の実数、予測するのは速度 v = ε - x_0)。"""
+    替えただけです (t は 0〜1 の実数、予測するのは速度 v = ε - x_0)。
+    noise を渡すと、x_0 と決まった組のノイズで学習します (リフロー。``reflow``)。"""
     with torch.autocast(device_type=x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = flow_matching_loss(model, x0, y, p_uncond, generator, time_sampling)
+        loss = flow_matching_loss(model, x0, y, p_uncond, generator, time_sampling, noise)
     return optimizer_step(model, optimizer, loss, max_grad_norm)
 
 

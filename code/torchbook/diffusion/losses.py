@@ -33,13 +33,15 @@ def training_loss(model: nn.Module, sched: NoiseSchedule, x0: torch.Tensor, y: t
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
                        p_uncond: float = 0.1, generator: torch.Generator | None = None,
-                       time_sampling: str = "uniform") -> torch.Tensor:
+                       time_sampling: str = "uniform",
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
     """フローマッチング (rectified flow) の損失 ‖v - v_θ(x_t, t, y)‖²。
 
     x_t = (1 - t)·x_0 + t·ε は x_0 (t = 0) と純粋なノイズ ε (t = 1) を結ぶ直線上の点で、
     その速度 v = dx_t/dt = ε - x_0 を予測させます。t は 0〜1 から選びます:
     "uniform" は一様、"logit-normal" は sigmoid(N(0, 1)) で中ほどの t を多めにします
     (Esser et al. 2024)。ラベルを落とす扱いは ``training_loss`` と同じです。
+    noise を渡すと ε を引かずにそれを使います (リフローでは x_0 と組にした ε。``reflow``)。
     """
     n = x0.shape[0]
     if time_sampling == "uniform":
@@ -48,9 +50,12 @@ def flow_matching_loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
         t = torch.sigmoid(torch.randn(n, generator=generator)).to(x0.device)
     else:
         raise ValueError(f"time_sampling は 'uniform' か 'logit-normal' です ({time_sampling!r})")
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise の形 {tuple(noise.shape)} が x0 の形 {tuple(x0.shape)} と違います")
     drop = torch.rand(n, generator=generator).to(x0.device) < p_uncond
     y = torch.where(drop, torch.full_like(y, model.null_class), y)
-    tb = t.view(-1, 1, 1, 1).to(x0.dtype)
+    tb = t.view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)  # 画像 (N, C, H, W) でも点 (N, D) でも
     x_t = (1 - tb) * x0 + tb * noise
     return F.mse_loss(model(x_t, t * FLOW_TIME_SCALE, y).float(), noise - x0)

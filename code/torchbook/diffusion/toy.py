@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algorithms import ddpm_train_step
+from .algorithms import ddpm_train_step, flow_train_step
 from .schedule import NoiseSchedule
 from .unet import timestep_embedding
 
@@ -128,13 +128,17 @@ class ToyDenoiser(nn.Module):
     時刻 t は UNet と同じ正弦波の埋め込みにし、クラス埋め込み (最後の番号 = クラスなし) と
     足して、各層の入力に加えます。``sample_shape`` と ``null_class`` があるので、
     ``sampling.sample`` と ``guided_eps`` を UNet と同じように使えます。
+    objective="flow" にすると、同じネットワークでフローマッチングの速度 v を予測します
+    (時刻は UNet と同じく 1000·t を受け取ります)。
     """
 
     def __init__(self, dim: int = 2, hidden: int = 64, depth: int = 3, num_classes: int = 2,
-                 time_dim: int = 32) -> None:
+                 time_dim: int = 32, objective: str = "eps") -> None:
         super().__init__()
+        if objective not in ("eps", "flow"):
+            raise ValueError(f"objective は 'eps' か 'flow' です (受け取ったのは {objective!r})")
         self.sample_shape = (dim,)
-        self.objective = "eps"  # ε を予測する (sample() は DDPM・DDIM を選ぶ)
+        self.objective = objective  # 何を予測するか (sample() はこれに合うサンプラーを選ぶ)
         self.num_classes = num_classes
         self.null_class = num_classes
         self.time_dim = time_dim
@@ -157,26 +161,30 @@ class ToyDenoiser(nn.Module):
         return self.out(F.silu(h))
 
 
-def train_toy(mix: GaussianMixture, sched: NoiseSchedule, steps: int = 2000,
+def train_toy(mix: GaussianMixture, sched: NoiseSchedule | None, steps: int = 2000,
               batch_size: int = 512, lr: float = 1e-2, p_uncond: float = 0.5,
               seed: int = 0, hidden: int = 64) -> tuple[ToyDenoiser, list[float]]:
     """画像と同じ学習の 1 回 (``algorithms.ddpm_train_step``) で ToyDenoiser を学習します。
 
     データは毎ステップ混合から新しく引きます。学習率はコサインで 0 まで下げます。
     学習したモデル (eval モード) と、ステップごとの損失を返します。
+    sched=None ならフローマッチングのモデル (``algorithms.flow_train_step``) を学習します。
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps と batch_size は 1 以上にしてください ({steps}, {batch_size})")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = ToyDenoiser(dim=mix.means.shape[1], hidden=hidden, num_classes=mix.num_classes)
+    model = ToyDenoiser(dim=mix.means.shape[1], hidden=hidden, num_classes=mix.num_classes,
+                        objective="flow" if sched is None else "eps")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     losses = []
     for _ in range(steps):
         x0, comp = sample_mixture(mix, batch_size, gen)
-        # 画像と同じ Algorithm 1 の 1 回 (algorithms.ddpm_train_step)
-        losses.append(ddpm_train_step(model, sched, x0, mix.labels[comp], opt, p_uncond, gen))
+        if sched is None:  # フローマッチング: 損失だけが違う (algorithms.flow_train_step)
+            losses.append(flow_train_step(model, x0, mix.labels[comp], opt, p_uncond, gen))
+        else:  # 画像と同じ Algorithm 1 の 1 回 (algorithms.ddpm_train_step)
+            losses.append(ddpm_train_step(model, sched, x0, mix.labels[comp], opt, p_uncond, gen))
         lr_sched.step()
     return model.eval(), losses
 
@@ -197,3 +205,20 @@ def eps_error(model: nn.Module, sched: NoiseSchedule, mix: GaussianMixture, t: i
     ideal = analytic_eps(x_t, tt, sched, mix, yy)
     learned = model(x_t, tt, yy).float()
     return ((learned - ideal) ** 2).mean().item(), (ideal**2).mean().item()
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
+    """同じ数の点の集まり a, b (N, D) の間のスライス・ワッサースタイン距離 (2 乗平均の平方根)。
+
+    ランダムな向き n_proj 本に点を射影し、1 次元では並べ替えて順に組にすれば最適な
+    輸送になることを使います。分布が同じなら 0 に近く、ずれるほど大きくなります。
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"a {tuple(a.shape)} と b {tuple(b.shape)} は同じ (N, D) の形に"
+                         "してください")
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], n_proj, generator=gen, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa = (a.double() @ dirs).sort(dim=0).values
+    pb = (b.double() @ dirs).sort(dim=0).values
+    return ((pa - pb) ** 2).mean().sqrt().item()

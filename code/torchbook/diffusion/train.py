@@ -23,6 +23,10 @@
 示して止めます。終わった (または途中の) 学習をもっと長くするときだけは ``--extend`` を付け、
 大きい ``--steps`` を指定します (ほかの設定は同じにします)。このとき学習率のコサインは
 新しい ``--steps`` に合わせて描き直されるので、最初から長く学習したのとは同じになりません。
+
+リフロー (``reflow``): ``--init FLOW.pt`` でフローマッチングのモデルの重みから始め、
+``--pairs PAIRS.pt`` (``python -m torchbook.diffusion.make_pairs`` で作った組) のノイズと画像の
+組で学び直します。どちらも ``config`` に保存し、``--resume`` のときに比べます。
 """
 
 from __future__ import annotations
@@ -48,10 +52,12 @@ from . import options
 from .algorithms import ddpm_train_step, flow_train_step
 from .autoencoder import encode_all
 from .checkpoint import (
+    KINDS,
     atomic_write_text,
     command_line,
     git_commit,
     load_autoencoder,
+    load_checkpoint,
     read_autoencoder,
     read_diffusion,
     restore_training,
@@ -60,6 +66,7 @@ from .checkpoint import (
 from .data import load_tensors
 from .device import cpu_model, fast_formats, get_device
 from .latent import LatentFlow, LatentUNet
+from .reflow import read_pairs
 from .sampling import sample
 from .schedule import NoiseSchedule
 from .training import EMA, lr_scheduler
@@ -71,7 +78,7 @@ MAX_GRAD_NORM = 1.0  # 勾配のノルムの上限
 # 学習の形を決める設定 (チェックポイントの config に保存し、--resume のときに比べる)
 RUN_SETTINGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "ema_decay", "p_uncond",
                 "objective", "time_sampling", "schedule", "T", "channels", "patch_size", "seed",
-                "limit", "latent")
+                "limit", "latent", "init", "pairs")
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -126,6 +133,37 @@ def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, last: Pat
     if args.extend and args.steps <= ckpt["config"]["steps"]:
         p.error(f"--extend: --steps を保存した {ckpt['config']['steps']} より大きくしてください")
     return ckpt
+
+
+def check_reflow(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--init と --pairs (リフロー) を作業の前に確かめます。どちらも画素のフローだけです。"""
+    if args.objective == "eps" or args.latent:
+        p.error("--init と --pairs は画素のフローマッチングだけです: --objective eps と "
+                "--latent を外してください")
+    args.objective = "flow"
+    if args.init:
+        try:
+            ckpt = read_diffusion(args.init)
+        except (OSError, ValueError) as e:
+            p.error(f"--init: {e}")
+        if ckpt["kind"] != KINDS["flow"]:
+            p.error(f"--init {args.init} は {ckpt['kind']} です。フローマッチングのモデル "
+                    f"({KINDS['flow']}) を指定してください")
+        unet = ckpt["unet"]
+        if args.channels is None:
+            args.channels = tuple(unet["channels"])
+        if list(args.channels) != unet["channels"] or args.patch_size != unet["patch_size"]:
+            p.error(f"--init {args.init} の UNet は --channels "
+                    f"{','.join(map(str, unet['channels']))} --patch-size {unet['patch_size']} "
+                    "です。同じ値にしてください")
+    if args.pairs:
+        try:
+            shape = tuple(read_pairs(args.pairs)["data"].shape[1:])
+        except (OSError, ValueError) as e:
+            p.error(f"--pairs: {e}")
+        if shape != (1, 32, 32):
+            p.error(f"--pairs {args.pairs} の画像の形 {shape} が Fashion-MNIST の (1, 32, 32) と"
+                    "違います")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="最後に EMA の重みだけをここ (.pt) へ、来歴を隣の .json へ保存する")
     p.add_argument("--limit", type=options.positive_int, default=None,
                    help="学習画像の枚数を制限する (試し用)")
+    p.add_argument("--init", default=None, metavar="FLOW.pt",
+                   help="このフローマッチングのモデルの (EMA の) 重みから学習を始める (リフロー)")
+    p.add_argument("--pairs", default=None, metavar="PAIRS.pt",
+                   help="make_pairs CLI の組 (ノイズ, 画像) で学習する (--objective flow だけ)")
     p.add_argument("--dry-run", action="store_true",
                    help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
     return p
@@ -208,6 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             read_autoencoder(args.latent)
         except ValueError as e:
             p.error(f"--latent: {e}")
+    if args.init or args.pairs:
+        check_reflow(p, args)
     args.objective = args.objective or "eps"
     if args.channels is None:
         args.channels = (32, 64) if args.latent else (32, 64, 128)
@@ -243,17 +287,23 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
+    noise_all = None  # リフロー: x_all[i] と組になったノイズ
+    if args.pairs:
+        pairs = read_pairs(args.pairs)
+        x_all, noise_all = pairs["data"], pairs["noise"]
+        y_all = pairs["y"] if pairs["y"] is not None else torch.full((len(x_all),), 10)
     if args.dry_run:
-        x_all = torch.rand(256, 1, 32, 32) * 2 - 1
-        y_all = torch.randint(0, 10, (256,))
+        x_all = torch.rand(256, 1, 32, 32) * 2 - 1 if noise_all is None else x_all
+        y_all = torch.randint(0, 10, (256,)) if noise_all is None else y_all
         args.steps = min(args.steps, 2)
-    else:
+    elif noise_all is None:
         try:
             x_all, y_all = load_tensors(args.data_root, train=True, download=args.download)
         except (OSError, ValueError) as e:  # データが無い・壊れている: 直し方を 1 行で
             raise SystemExit(str(e)) from None
     if args.limit:
         x_all, y_all = x_all[: args.limit], y_all[: args.limit]
+        noise_all = noise_all[: args.limit] if noise_all is not None else None
     encode_seconds = 0.0
     if args.latent:  # 潜在拡散: 学習画像を一度だけ潜在変数 (μ・latent_scale 倍) に変える
         ae, _ = load_autoencoder(args.latent, device)
@@ -271,6 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = UNet(channels=args.channels, patch_size=args.patch_size,
                      objective=args.objective).to(device)
+    if args.init:  # リフロー: 今のフローの (EMA の) 重みから始める (EMA もここから)
+        model.load_state_dict(load_checkpoint(args.init)[0].state_dict())
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay)
@@ -334,11 +386,12 @@ def main(argv: list[str] | None = None) -> dict:
             idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
             x0 = x_all[idx].to(device)
             y = y_all[idx].to(device)
+            noise = noise_all[idx].to(device) if noise_all is not None else None
             if channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             if flow:
                 loss_value = flow_train_step(model, x0, y, opt, args.p_uncond, gen,
-                                             MAX_GRAD_NORM, bf16, args.time_sampling)
+                                             MAX_GRAD_NORM, bf16, args.time_sampling, noise)
             else:  # Ho et al. 2020 の Algorithm 1 (algorithms.ddpm_train_step)
                 loss_value = ddpm_train_step(model, sched, x0, y, opt, args.p_uncond, gen,
                                              MAX_GRAD_NORM, bf16)
