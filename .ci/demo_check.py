@@ -294,6 +294,14 @@ def check_latent(result: dict, ctx: Context) -> list[Row]:
                    budget, hard, key="live", nfe=live["nfe"]),
         Row("", "同 (中央値)", f"{median:.1f} ms"),
     ]
+    if "live_ok" in ctx.extra:
+        rows.append(Row("", "w のスライダーを動かすとライブの画像が変わる",
+                        "はい" if ctx.extra["live_ok"] else "いいえ", "はい", ctx.extra["live_ok"]))
+        rows.append(Row("", "キーを押してから描き直しが終わるまで (Playwright の往復を含む)",
+                        f"{ctx.extra['slide_ms']:.0f} ms"))
+    if "full_ok" in ctx.extra:
+        rows.append(Row("", "「生成」を押すと右の画像ができる",
+                        "はい" if ctx.extra["full_ok"] else "いいえ", "はい", ctx.extra["full_ok"]))
     rows.append(ctx.model_size(meta["model"], LATENT_MODEL_BYTES))
     rows.append(ctx.model_size(meta["decoder"], LATENT_DECODER_BYTES))
     if live["model"] != meta["model"]:
@@ -301,11 +309,47 @@ def check_latent(result: dict, ctx: Context) -> list[Row]:
     return rows
 
 
+def slide_latent(ctx: Context) -> None:
+    """本物のキー操作で w のスライダーを 2 回動かし、ライブの画像が描き直されることを確かめます。
+
+    2 回目は、キーを押してから状態の行が新しい w を示すまでの時間を測ります。
+    """
+    c = ctx.checker
+    root = "document.querySelector('[data-demo=latent]')"
+    status = f"{root}.querySelector('[role=status]').textContent"
+    # ライブの画像の画素の和 (描き直しで変わったかを見る)
+    ink = (f"{root}.querySelector('canvas').getContext('2d').getImageData(0, 0, 32, 32)"
+           ".data.reduce((a, b) => a + b, 0)")
+    slider = c.page.locator("[data-demo=latent] input[name=w]")
+    slider.focus()
+    values = []
+    ok = True
+    slide_ms = float("inf")
+    for _ in range(2):
+        before = c.eval(ink)
+        target = c.eval(f"(Number({root}.querySelector('input[name=w]').value) + "
+                        f"Number({root}.querySelector('input[name=w]').step)).toFixed(2)")
+        start = time.perf_counter()
+        c.page.keyboard.press("ArrowRight")
+        shown = c.wait_for(f"{status}.startsWith('ライブ') && "
+                           f"{status}.includes('w = ' + Number({target!r}))", 30)
+        slide_ms = (time.perf_counter() - start) * 1000
+        values.append(c.eval(ink))
+        ok = ok and shown and values[-1] != before
+    ctx.extra["live_ok"] = ok
+    ctx.extra["slide_ms"] = slide_ms
+    # 「生成」を押すと、右の画像が meta の解き方で描かれる
+    c.page.locator("[data-demo=latent] button[type=submit]").click()
+    ctx.extra["full_ok"] = c.wait_for(
+        f"{root}.querySelectorAll('canvas')[1].getAttribute('aria-label')"
+        ".startsWith('「生成」の画像: ')", 60)
+
+
 # デモの名前 → (自己テストの結果を照合する関数, 自己テストの後にする操作 (無ければ None))
 CHECKS: dict[str, tuple[Callable[[dict, Context], list[Row]], Callable | None]] = {
     "mnist": (check_mnist, stroke_mnist),
     "diffusion": (check_diffusion, None),
-    "latent": (check_latent, None),
+    "latent": (check_latent, slide_latent),
 }
 
 
