@@ -438,6 +438,9 @@
     const x_T = Float32Array.from(vec.x_T || vec.noise_a);
     const method = sched.kind === "flow" ? vec.method : "ddim";
     const cases = [];
+    // 測る前に 1 回: WebAssembly の最初の数回は遅い (小さな潜在のグラフでは最初の場合だけ 3 倍)
+    await sample(model, sched, { y: [vec.label], guidance_scale: 1, method, steps: vec.steps,
+      x_T });
     for (const c of vec.cases) {
       const args = { y: [vec.label], guidance_scale: c.guidance, method, steps: vec.steps,
         eta: vec.eta || 0, x_T };
