@@ -41,7 +41,8 @@ def speed_table(rows: list[Row]) -> list[str]:
             picked[kind] = r
     base = picked.get("pixel")
     lines = []
-    for kind, r in picked.items():
+    for kind in [k for k in NAMES if k in picked]:
+        r = picked[kind]
         line = f"{NAMES[kind]}: 1 枚 {r.ms:.1f} ms (NFE {r.nfe}、{r.item})"
         if base is not None and kind != "pixel":
             per_nfe = (base.ms / base.nfe) / (r.ms / r.nfe)

@@ -249,3 +249,57 @@ def test_latent_demo_html_controls_come_from_metadata():
     ids = re.findall(r'<(?:input|select) [^>]*id="([^"]+)"', page)
     assert len(ids) == len(set(ids)) == 6
     assert sorted(re.findall(r'<label for="([^"]+)"', page)) == sorted(ids)
+
+
+def save_tiny_checkpoint(path, model):
+    from types import SimpleNamespace
+
+    from torchbook.diffusion.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, SimpleNamespace(model=model, step=0), "flow", 1000,
+                    ema_only=True)
+    return path
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from torchbook.diffusion.checkpoint import save_checkpoint
+
+    with pytest.raises(SystemExit) as e:
+        diffusion_demo.main(["--label", "10", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2 and "--label は 0〜9" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        diffusion_demo.main(["--checkpoint", str(tmp_path / "none.pt")])
+    assert "none.pt がありません" in capsys.readouterr().err
+    # 画素のモデルのチェックポイントは、1 行で断る (書き出しを始めない)
+    pixel = tmp_path / "pixel.pt"
+    unet = tiny_unet()
+    from types import SimpleNamespace
+    save_checkpoint(pixel, unet, SimpleNamespace(model=unet, step=0), "cosine", 1000,
+                    ema_only=True)
+    with pytest.raises(SystemExit) as e:
+        diffusion_demo.main(["--checkpoint", str(pixel), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "潜在フローのチェックポイント" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out" / "latent.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_writes_once_and_prints_the_demo_html(tmp_path, capsys):
+    ckpt = save_tiny_checkpoint(tmp_path / "latent.pt", tiny_latent())
+    out = tmp_path / "demo"
+    assert diffusion_demo.main(["--checkpoint", str(ckpt), "--out-dir", str(out), "--html",
+                                "--label", "4"]) == 0
+    page = capsys.readouterr().out
+    assert 'data-demo="latent"' in page and '<option value="4" selected>' in page
+    meta = json.loads((out / "latent.json").read_text())
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert set(stamps) == {meta["model"], meta["decoder"], "latent.json", "latent-tests.json"}
+    # 同じ入力なら書き出さない (本のページを読み直すたびに数十秒かけない)
+    diffusion_demo.main(["--checkpoint", str(ckpt), "--out-dir", str(out), "--label", "4"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    # 重みが替われば (統合の後の学習し直しなど) 書き出し直す
+    save_tiny_checkpoint(ckpt, tiny_latent(seed=1))
+    diffusion_demo.main(["--checkpoint", str(ckpt), "--out-dir", str(out), "--label", "4"])
+    assert (out / meta["model"]).stat().st_mtime_ns != stamps[meta["model"]]
+    assert json.loads((out / "latent.json").read_text())["source"] != meta["source"]

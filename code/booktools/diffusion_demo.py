@@ -593,7 +593,6 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not path.is_file():
             ap.error(f"{path} がありません")
     out_dir = args.out_dir or demo_dir()
-    torch.set_num_threads(1)
     try:
         meta = latent_demo(args.checkpoint, out_dir, args.label, args.seed,
                            args.live_checkpoint, args.live_method, args.live_steps, args.force)
