@@ -92,7 +92,7 @@
 
   // [flow_step]
   // フローの ODE dx/dt = v(x, t) を t から t_next (< t) へ 1 ステップ進める。
-  // オイラー法は始点の傾き v だけ、ホイン法は仮に進んだ先の傾きとの平均 (最後の 1 歩はオイラー法)
+  // オイラー法は始点の傾き v だけ、ホイン法は仮に進んだ先の傾きとの平均 (最後の 1 ステップはオイラー法)
   async function flow_step(predict, x, t, t_next, method = "euler") {
     const v = await predict(x, t);
     let x_next = x.map((xi, i) => xi + (t_next - t) * v[i]);
