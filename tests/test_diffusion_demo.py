@@ -203,15 +203,26 @@ def test_latent_metadata_takes_the_live_settings_as_data():
 def test_export_latent_demo_graphs_equal_pytorch(tmp_path):
     """2 つのグラフ (LatentUNet とデコーダー) を onnxruntime で回した参照ループが、PyTorch の
     sample() の画像 (「生成」とライブ、テストの入力) と一致する。"""
+    import copy
+
     model = tiny_latent()
-    r = diffusion_demo.export_latent_demo(model, tmp_path, label=3, seed=1)
+    # ライブ用の別のモデル (蒸留したものの代わり): 同じ自己符号化器で、UNet の重みだけ違う
+    live_model = copy.deepcopy(model)
+    with torch.no_grad():
+        live_model.unet.conv_out.weight.mul_(-1.5)
+    r = diffusion_demo.export_latent_demo(model, tmp_path, label=3, seed=1,
+                                          live_model=live_model, live_method="euler",
+                                          live_steps=3)
     meta, vec = r["meta"], r["vectors"]
+    assert meta["live"] == {"model": diffusion_demo.LATENT_LIVE_FILE, "method": "euler",
+                            "steps": 3, "nfe": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [diffusion_demo.LATENT_UNET_FILE, diffusion_demo.LATENT_DECODER_FILE,
-         "latent.json", "latent-tests.json"])
+         diffusion_demo.LATENT_LIVE_FILE, "latent.json", "latent-tests.json"])
     assert r["onnx_diff"] < 1e-4
     assert json.loads((tmp_path / "latent.json").read_text()) == meta
     predict = diffusion_demo.onnx_predict(tmp_path / meta["model"])
+    live_predict = diffusion_demo.onnx_predict(tmp_path / meta["live"]["model"])
     decode = diffusion_demo.onnx_decode(tmp_path / meta["decoder"])
     a, b = (np.array(vec[k], np.float32) for k in ("noise_a", "noise_b"))
     for case in vec["cases"]:
@@ -221,7 +232,7 @@ def test_export_latent_demo_graphs_equal_pytorch(tmp_path):
     live = meta["live"]
     for case in vec["live_cases"]:
         x_T = diffusion_demo.slerp(a, b, case["w"]).astype(np.float32)
-        out = diffusion_demo.reference_flow(predict, decode, meta, x_T, vec["label"],
+        out = diffusion_demo.reference_flow(live_predict, decode, meta, x_T, vec["label"],
                                             live["steps"], live["method"], case["guidance"])
         assert np.abs(out.ravel() - np.array(case["image"])).max() < 1e-3
     images = [np.array(c["image"]) for c in vec["cases"] + vec["live_cases"]]
