@@ -18,6 +18,10 @@
 ``--demo-dir`` (既定 ``_build/webdemo/``) から読みます。
 
     python .ci/demo_check.py _build/html
+    python .ci/demo_check.py _build/pages/10_latent/_build/html --pages book/10_latent
+
+デモのあるページは、ビルドした HTML の中からデモの印 (``data-demo="名前"``) で探します
+(どの章に置いても見つかる)。``--pages`` は調べるページを絞ります (手元の確認用)。
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser_check import Checker, find_chromium, launch, pages_of, serve  # noqa: E402
+from budgets import DEMO_BUDGETS_MS  # noqa: E402
 from playwright.sync_api import Error as PlaywrightError  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
@@ -60,6 +65,9 @@ class Row:
     ok: bool = True
     timing: bool = False  # 速さの予算 (超えても、上限の内側なら表示だけ)
     within_hard: bool = True  # 速さの予算の上限 (予算の TIMING_HARD_FACTOR 倍) の内側か
+    key: str = ""  # 1 枚の時間の行の印 (benchmarks/webdemo_bench.py が比を計算する)
+    ms: float | None = None  # その時間 (ミリ秒)
+    nfe: int | None = None  # その 1 枚のネットワークの評価回数
 
     @property
     def fails(self) -> bool:
@@ -75,10 +83,15 @@ class Row:
         return "NG" if self.fails else "超過 (負荷でも起きるので表示だけ)"
 
 
-def timing_row(item: str, ms: float, budget_ms: float) -> Row:
-    """速さの行: 予算を超えたら「超過」、予算の TIMING_HARD_FACTOR 倍を超えたら失敗。"""
+def timing_row(item: str, ms: float, budget_ms: float, hard_ms: float | None = None,
+               key: str = "", nfe: int | None = None) -> Row:
+    """速さの行: 予算を超えたら「超過」、上限 (既定は予算の TIMING_HARD_FACTOR 倍) を超えたら失敗。
+
+    key と nfe は、生成 1 枚の時間の行の印です (ベンチマークが比を計算する)。
+    """
+    hard_ms = budget_ms * TIMING_HARD_FACTOR if hard_ms is None else hard_ms
     return Row("", item, f"{ms:.1f} ms", f"≤ {budget_ms:g} ms", ms <= budget_ms, timing=True,
-               within_hard=ms <= budget_ms * TIMING_HARD_FACTOR)
+               within_hard=ms <= hard_ms, key=key, ms=ms if key else None, nfe=nfe)
 
 
 @dataclass
@@ -222,7 +235,8 @@ def check_diffusion(result: dict, ctx: Context) -> list[Row]:
             Row("", f"DDIM {vec['steps']} ステップ ({s}) の画像の最大差", f"{diff:.2e}",
                 f"≤ {DIFFUSION_TOL:g}", diff <= DIFFUSION_TOL),
             timing_row(f"DDIM {vec['steps']} ステップで 1 枚 (最短、{s})", got["ms"],
-                       DIFFUSION_MS),
+                       DIFFUSION_MS, key=f"pixel s={case['guidance']:g}",
+                       nfe=vec["steps"]),
             Row("", f"同 (中央値、{s})", f"{got['median_ms']:.0f} ms"),
             Row("", f"同 (初回、{s})", f"{got['first_ms']:.0f} ms"),
         ]
@@ -230,10 +244,112 @@ def check_diffusion(result: dict, ctx: Context) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------ 10 章: 潜在拡散 (「生成」とライブ)
+LATENT_MS = DIFFUSION_MS  # 「生成」で 1 枚 (画素のデモと同じ、押してから 2 秒以内)
+LATENT_MODEL_BYTES = 6 * MB
+LATENT_DECODER_BYTES = 1 * MB
+SOLVERS = {"heun": "ホイン法", "euler": "オイラー法"}
+
+
+def check_latent(result: dict, ctx: Context) -> list[Row]:
+    """「生成」とライブの画像を、章のビルドが sample() で作った画像 (latent-tests.json) と比べます。
+
+    ライブの 1 枚の時間は .ci/budgets.py の DEMO_BUDGETS_MS["latent-live"] と比べます。
+    """
+    from torchbook.diffusion.sampling import nfe
+
+    vec = json.loads((ctx.demo_dir / "latent-tests.json").read_text(encoding="utf-8"))
+    meta = json.loads((ctx.demo_dir / "latent.json").read_text(encoding="utf-8"))
+    rows = []
+    solver = f"{SOLVERS[vec['method']]} {vec['steps']} ステップ"
+    if len(result["cases"]) != len(vec["cases"]) or len(result["live_cases"]) != len(
+            vec["live_cases"]):
+        return [Row("", "自己テストの画像の数", f"{len(result['cases'])} と "
+                    f"{len(result['live_cases'])}", f"{len(vec['cases'])} と "
+                    f"{len(vec['live_cases'])}", False)]
+    for case, got in zip(vec["cases"], result["cases"], strict=True):
+        diff = max(abs(a - b) for a, b in zip(case["image"], got["image"], strict=True))
+        s = f"s = {case['guidance']:g}"
+        rows += [
+            Row("", f"「生成」{solver} ({s}) の画像の最大差", f"{diff:.2e}",
+                f"≤ {DIFFUSION_TOL:g}", diff <= DIFFUSION_TOL),
+            timing_row(f"「生成」{solver}で 1 枚 (最短、{s})", got["ms"], LATENT_MS,
+                       key=f"latent s={case['guidance']:g}",
+                       nfe=nfe(vec["method"], vec["steps"])),
+            Row("", f"同 (中央値、{s})", f"{got['median_ms']:.0f} ms"),
+            Row("", f"同 (初回、{s})", f"{got['first_ms']:.0f} ms"),
+        ]
+    live = meta["live"]
+    live_solver = f"{SOLVERS[live['method']]} {live['steps']} ステップ、NFE {live['nfe']}"
+    for case, got in zip(vec["live_cases"], result["live_cases"], strict=True):
+        diff = max(abs(a - b) for a, b in zip(case["image"], got["image"], strict=True))
+        rows.append(Row("", f"ライブ ({live_solver}、w = {case['w']:g}、s = {case['guidance']:g})"
+                        " の画像の最大差", f"{diff:.2e}", f"≤ {DIFFUSION_TOL:g}",
+                        diff <= DIFFUSION_TOL))
+    label, budget, hard = DEMO_BUDGETS_MS["latent-live"]
+    slowest = max(c["ms"] for c in result["live_cases"])  # 各位置の最短のうち、最も遅い位置
+    median = statistics.median(c["median_ms"] for c in result["live_cases"])
+    rows += [
+        timing_row(f"{label} (最短、{len(vec['live_cases'])} 位置で最も遅い位置)", slowest,
+                   budget, hard, key="live", nfe=live["nfe"]),
+        Row("", "同 (中央値)", f"{median:.1f} ms"),
+    ]
+    if "live_ok" in ctx.extra:
+        rows.append(Row("", "w のスライダーを動かすとライブの画像が変わる",
+                        "はい" if ctx.extra["live_ok"] else "いいえ", "はい", ctx.extra["live_ok"]))
+        rows.append(Row("", "キーを押してから描き直しが終わるまで (Playwright の往復を含む)",
+                        f"{ctx.extra['slide_ms']:.0f} ms"))
+    if "full_ok" in ctx.extra:
+        rows.append(Row("", "「生成」を押すと右の画像ができる",
+                        "はい" if ctx.extra["full_ok"] else "いいえ", "はい", ctx.extra["full_ok"]))
+    rows.append(ctx.model_size(meta["model"], LATENT_MODEL_BYTES))
+    rows.append(ctx.model_size(meta["decoder"], LATENT_DECODER_BYTES))
+    if live["model"] != meta["model"]:
+        rows.append(ctx.model_size(live["model"], LATENT_MODEL_BYTES))
+    return rows
+
+
+def slide_latent(ctx: Context) -> None:
+    """本物のキー操作で w のスライダーを 2 回動かし、ライブの画像が描き直されることを確かめます。
+
+    2 回目は、キーを押してから状態の行が新しい w を示すまでの時間を測ります。
+    """
+    c = ctx.checker
+    root = "document.querySelector('[data-demo=latent]')"
+    status = f"{root}.querySelector('[role=status]').textContent"
+    # ライブの画像の画素の和 (描き直しで変わったかを見る)
+    ink = (f"{root}.querySelector('canvas').getContext('2d').getImageData(0, 0, 32, 32)"
+           ".data.reduce((a, b) => a + b, 0)")
+    slider = c.page.locator("[data-demo=latent] input[name=w]")
+    slider.focus()
+    values = []
+    ok = True
+    slide_ms = float("inf")
+    for _ in range(2):
+        before = c.eval(ink)
+        target = c.eval(f"(Number({root}.querySelector('input[name=w]').value) + "
+                        f"Number({root}.querySelector('input[name=w]').step)).toFixed(2)")
+        start = time.perf_counter()
+        c.page.keyboard.press("ArrowRight")
+        shown = c.wait_for(f"{status}.startsWith('ライブ') && "
+                           f"{status}.includes('w = ' + Number({target!r}))", 30)
+        slide_ms = (time.perf_counter() - start) * 1000
+        values.append(c.eval(ink))
+        ok = ok and shown and values[-1] != before
+    ctx.extra["live_ok"] = ok
+    ctx.extra["slide_ms"] = slide_ms
+    # 「生成」を押すと、右の画像が meta の解き方で描かれる
+    c.page.locator("[data-demo=latent] button[type=submit]").click()
+    ctx.extra["full_ok"] = c.wait_for(
+        f"{root}.querySelectorAll('canvas')[1].getAttribute('aria-label')"
+        ".startsWith('「生成」の画像: ')", 60)
+
+
 # デモの名前 → (自己テストの結果を照合する関数, 自己テストの後にする操作 (無ければ None))
 CHECKS: dict[str, tuple[Callable[[dict, Context], list[Row]], Callable | None]] = {
     "mnist": (check_mnist, stroke_mnist),
     "diffusion": (check_diffusion, None),
+    "latent": (check_latent, slide_latent),
 }
 
 
@@ -253,11 +369,18 @@ def is_demo_asset(url: str) -> bool:
 
 
 def run_demos(html_dir: Path, demo_dir: Path, chromium: str,
-              only: list[str] | None = None) -> tuple[list[Row], list[str]]:
-    """デモのあるページをすべて調べ、表の行と問題の一覧を返します。"""
+              only: list[str] | None = None,
+              only_pages: list[str] | None = None) -> tuple[list[Row], list[str]]:
+    """デモのあるページをすべて (only_pages があればその中だけ) 調べ、表の行と問題の一覧を返します。
+
+    only_pages は "book/10_latent" のようなページの名前 (.html は付けても付けなくても同じ)。
+    """
     rows: list[Row] = []
     problems: list[str] = []
     pages = demo_pages(html_dir)
+    if only_pages:
+        wanted = {p.removesuffix(".html").removesuffix(".md") for p in only_pages}
+        pages = {p: n for p, n in pages.items() if p.removesuffix(".html") in wanted}
     server, port = serve(html_dir)
     pw = sync_playwright().start()
     browser = launch(pw, chromium)
@@ -349,6 +472,8 @@ def main() -> int:
         help="章が書き出した重み (.pt) とメタデータの置き場所")
     ap.add_argument("--chromium", default=os.environ.get("CHROMIUM", "chromium"))
     ap.add_argument("--demos", nargs="*", help="調べるデモの名前 (既定: すべて)")
+    ap.add_argument("--pages", nargs="*",
+                    help="調べるページ (例: book/10_latent。既定: デモの印のあるすべてのページ)")
     args = ap.parse_args()
     if not (args.html_dir / "_static" / "webdemo").is_dir():
         ap.error(f"{args.html_dir}/_static/webdemo がありません (先に本をビルドしてください)")
@@ -356,9 +481,12 @@ def main() -> int:
     if exe is None:
         ap.error(f"{args.chromium} がありません (Debian/Ubuntu: apt-get install chromium)")
     sys.path.insert(0, str(ROOT / "code"))
-    rows, problems = run_demos(args.html_dir, args.demo_dir, exe, args.demos)
+    rows, problems = run_demos(args.html_dir, args.demo_dir, exe, args.demos, args.pages)
     if not rows:
         problems.append("デモのあるページが見つかりません")
+    found = {name for names in demo_pages(args.html_dir).values() for name in names}
+    problems += [f"デモ {name} のあるページが見つかりません" for name in args.demos or []
+                 if name not in found]
     print_table(rows)
     for p in problems:
         print("問題:", p, file=sys.stderr)

@@ -8,7 +8,18 @@
   デモ ``名前`` のメタデータは ``名前.json`` です (無ければビルドの警告)。
 - デモの JS と CSS (``_static/webdemo-loader.js``、``demo-<名前>.js``、``webdemo.css``) は、
   デモのあるページ (``data-demo="名前"`` を含むページ) だけに読み込みます。
+  ``data-script="別名"`` のあるデモは ``demo-<別名>.js`` で動きます (潜在のデモは
+  ``demo-diffusion.js`` のサンプラーを使う)。
   ランタイムとモデルは、読者がデモを始めたときに webdemo-loader.js が読みます。
+- 指令 ``torchbook-demo`` は、ページのセルを使わずにデモを置きます (どの章にも置けるように)。
+  別のプロセスで ``python -m <DEMO_BUILDERS[名前]> --html`` を動かし、書き出し (前と同じ入力
+  なら省かれる) の後に標準出力の HTML をページに入れます::
+
+      ```{torchbook-demo} latent
+      :checkpoint: code/torchbook/diffusion/weights/latent_fashion.pt
+      ```
+
+  パスはリポジトリの根からです。重みのファイルが変われば、そのページを読み直します。
 
 onnxruntime-web が無ければ、ビルドの初めに 1 行で止まります (``npm ci`` で入ります)。
 """
@@ -19,13 +30,17 @@ import filecmp
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from docutils import nodes
+from docutils.parsers.rst import directives
 from sphinx.application import Sphinx
 from sphinx.config import Config
 from sphinx.errors import ExtensionError
 from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +53,12 @@ PUBLISHED = (".onnx", ".json")  # 写すデモのファイル (重みの .pt は
 LOADER = "webdemo-loader.js"
 CSS = "webdemo.css"
 DEMO_ATTR = re.compile(r'data-demo="([a-z0-9-]+)"')
+# デモの要素の開きタグ: data-demo="名前" と (あれば) data-script="JS の名前"
+DEMO_TAG = re.compile(r'<[^>]*\bdata-demo="([a-z0-9-]+)"[^>]*>')
+SCRIPT_ATTR = re.compile(r'\bdata-script="([a-z0-9-]+)"')
+# 指令 torchbook-demo で置けるデモ → HTML を書くモジュール (python -m で動かす)
+DEMO_BUILDERS = {"latent": "booktools.diffusion_demo"}
+BUILD_TIMEOUT = 1800  # 秒。書き出しは負荷のない計算機で 30 秒ほど
 
 
 def demo_source() -> Path:
@@ -116,6 +137,65 @@ def demos_in(doctree: nodes.document | None) -> list[str]:
     return found
 
 
+def scripts_in(doctree: nodes.document | None) -> list[str]:
+    """ページのデモを動かす JS の名前 (data-script、無ければ data-demo の名前)。"""
+    if doctree is None:
+        return []
+    found: list[str] = []
+    for node in doctree.findall(nodes.raw):
+        for tag in DEMO_TAG.finditer(node.astext()):
+            script = SCRIPT_ATTR.search(tag.group(0))
+            name = script.group(1) if script else tag.group(1)
+            if name not in found:
+                found.append(name)
+    return found
+
+
+class DemoDirective(SphinxDirective):
+    """```{torchbook-demo} 名前``` : デモのファイルを書き出し、その HTML をページに置きます。"""
+
+    required_arguments = 1
+    option_spec = {
+        "checkpoint": directives.unchanged_required,
+        "live-checkpoint": directives.unchanged_required,
+        "live-method": directives.unchanged_required,
+        "live-steps": directives.positive_int,
+        "label": directives.nonnegative_int,
+        "seed": directives.nonnegative_int,
+    }
+
+    def run(self) -> list[nodes.Node]:
+        name = self.arguments[0]
+        if name not in DEMO_BUILDERS:
+            raise self.error(f"デモ {name} はありません ({'・'.join(DEMO_BUILDERS)} のどれかです)")
+        if "checkpoint" not in self.options:
+            raise self.error(":checkpoint: (リポジトリの根からの重みのパス) を書いてください")
+        args = [sys.executable, "-m", DEMO_BUILDERS[name], "--html", "--out-dir",
+                str(demo_source())]
+        for key, value in self.options.items():
+            if key.endswith("checkpoint"):
+                path = ROOT / value
+                if not path.is_file():
+                    raise self.error(f":{key}: の {value} がありません (リポジトリの根からのパス)")
+                self.env.note_dependency(str(path))  # 重みが替われば読み直す
+                value = path
+            args += [f"--{key}", str(value)]
+        module = ROOT / "code" / (DEMO_BUILDERS[name].replace(".", "/") + ".py")
+        self.env.note_dependency(str(module))
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(
+                   p for p in (str(ROOT / "code"), os.environ.get("PYTHONPATH")) if p)}
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT,
+                                  timeout=BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise self.error(f"デモ {name} の書き出しが {BUILD_TIMEOUT} 秒で終わりません") from None
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["(出力なし)"])[-1]
+            raise self.error(f"デモ {name} を書き出せません: {last}")
+        return [nodes.raw("", proc.stdout, format="html")]
+
+
 def _page_assets(app: Sphinx, pagename: str, templatename: str, context: dict,
                  doctree: nodes.document | None) -> None:
     names = demos_in(doctree)
@@ -130,8 +210,8 @@ def _page_assets(app: Sphinx, pagename: str, templatename: str, context: dict,
                 location=pagename, type="webdemo", subtype="missing")
     app.add_css_file(CSS)
     app.add_js_file(LOADER, loading_method="defer")
-    for name in names:
-        app.add_js_file(f"demo-{name}.js", loading_method="defer")
+    for script in scripts_in(doctree):
+        app.add_js_file(f"demo-{script}.js", loading_method="defer")
 
 
 def _copy(app: Sphinx, exception: Exception | None) -> None:
@@ -140,6 +220,7 @@ def _copy(app: Sphinx, exception: Exception | None) -> None:
 
 
 def setup(app: Sphinx) -> dict:
+    app.add_directive("torchbook-demo", DemoDirective)
     app.connect("config-inited", _config)
     app.connect("builder-inited", _check_runtime)
     app.connect("html-page-context", _page_assets)

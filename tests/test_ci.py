@@ -94,3 +94,58 @@ def test_demo_timing_rows_fail_only_far_past_their_budget():
     # 一致の行 (速さでない行) は、予算を外れたらいつも失敗
     wrong = demo_check.Row("", "確率の最大差", "1e-2", "≤ 1e-4", False)
     assert wrong.fails and wrong.mark == "NG"
+
+
+def test_demo_budget_lines_follow_the_four_times_rule():
+    for label, budget, hard in budgets.DEMO_BUDGETS_MS.values():
+        assert label and hard >= 4 * budget, label
+    assert budgets.DEMO_BUDGETS_MS["latent-live"][1] == 50  # issue 22: 1 枚 50 ms 以内
+
+
+def latent_fixture(tmp_path):
+    """潜在のデモの照合に渡す、小さな自己テストの結果とテストの入力 (ブラウザーなし)。"""
+    import json
+    from types import SimpleNamespace
+
+    import demo_check
+
+    image = [0.5] * 16
+    vec = {"method": "heun", "steps": 5,
+           "cases": [{"guidance": g, "image": image} for g in (1.0, 2.0)],
+           "live_cases": [{"w": w, "guidance": 2.0, "image": image} for w in (0.0, 0.5)]}
+    meta = {"model": "u.onnx", "decoder": "d.onnx",
+            "live": {"model": "u.onnx", "method": "heun", "steps": 2, "nfe": 3}}
+    (tmp_path / "latent-tests.json").write_text(json.dumps(vec))
+    (tmp_path / "latent.json").write_text(json.dumps(meta))
+    (tmp_path / "_static" / "webdemo").mkdir(parents=True)
+    for name in ("u.onnx", "d.onnx"):
+        (tmp_path / "_static" / "webdemo" / name).write_bytes(b"0" * 100)
+    ctx = demo_check.Context(tmp_path, tmp_path, SimpleNamespace(), "book/10_latent.html")
+
+    def result(live_ms=10.0, live_image=image):
+        case = {"image": image, "ms": 30.0, "median_ms": 31.0, "first_ms": 50.0}
+        return {"cases": [case, case],
+                "live_cases": [case | {"ms": live_ms, "median_ms": live_ms},
+                               case | {"image": live_image, "ms": 8.0, "median_ms": 9.0}]}
+    return demo_check, ctx, result
+
+
+def test_latent_check_fails_on_a_wrong_live_image_and_far_past_the_live_budget(tmp_path):
+    sys.path.insert(0, str(REPO / "code"))
+    pytest.importorskip("playwright")
+    demo_check, ctx, result = latent_fixture(tmp_path)
+    rows = demo_check.check_latent(result(), ctx)
+    assert not any(r.fails for r in rows)
+    live = next(r for r in rows if r.key == "live")
+    assert live.ms == 10.0 and live.nfe == 3 and live.budget == "≤ 50 ms"
+    # ライブの 1 枚の画像が 1 画素でも 1e-3 を超えてずれれば失敗
+    wrong = demo_check.check_latent(result(live_image=[0.5] * 15 + [0.502]), ctx)
+    assert [r.item for r in wrong if r.fails] == [
+        "ライブ (ホイン法 2 ステップ、NFE 3、w = 0.5、s = 2) の画像の最大差"]
+    # 速さ: 予算 (50 ms) を超えても表示だけ、上限 (DEMO_BUDGETS_MS) を超えたら失敗
+    _, _, hard = budgets.DEMO_BUDGETS_MS["latent-live"]
+    slow = next(r for r in demo_check.check_latent(result(live_ms=120.0), ctx) if r.key == "live")
+    assert not slow.ok and not slow.fails
+    broken = next(r for r in demo_check.check_latent(result(live_ms=hard + 1), ctx)
+                  if r.key == "live")
+    assert broken.fails

@@ -128,9 +128,189 @@ def test_demo_html_controls_come_from_metadata(model_and_meta):
     assert page.count('role="img" aria-label=') == 2  # キャンバスの代わりの文
 
 
-def test_metadata_file_is_the_one_the_site_extension_looks_for():
+def test_metadata_files_are_the_ones_the_site_extension_looks_for():
     # _ext/webdemo.py は data-demo="<name>" のページに <name>.json があるかを確かめ、無ければ
-    # ビルドの警告 (CI では失敗) にする。書き出す名前とずれると、デモが読めないまま公開される
+    # ビルドの警告 (CI では失敗) にする。JS も <name>.json を読む。書き出す名前とずれると、
+    # デモが読めないまま公開される
     js = (Path(__file__).resolve().parents[1] / "_static" / "demo-diffusion.js").read_text()
     assert diffusion_demo.META_FILE == "diffusion.json"
-    assert f'const META = "{diffusion_demo.META_FILE}"' in js
+    assert "demo.url(`${name}.json`)" in js and "demo.url(`${name}-tests.json`)" in js
+    assert diffusion_demo.TEST_FILE == "diffusion-tests.json"
+    meta = diffusion_demo.latent_metadata(tiny_latent())
+    page = diffusion_demo.latent_demo_html(meta)
+    assert f'data-demo="{diffusion_demo.LATENT_NAME}"' in page
+
+
+# ---------------------------------------------------------------- 潜在拡散のデモ
+
+
+def tiny_latent(seed: int = 0):
+    """0 で初期化した層も乱数にした小さな LatentFlow (条件とデコーダーの効果が見える)。"""
+    from torchbook.diffusion.autoencoder import Autoencoder
+    from torchbook.diffusion.latent import LatentFlow, LatentUNet
+
+    torch.manual_seed(seed)
+    model = LatentFlow(LatentUNet(4, (16, 32), heads=2, context_dim=16),
+                       Autoencoder(4, width=16, latent_scale=1.7))
+    for p in model.unet.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    for m in model.autoencoder.decoder.modules():  # 画素が 0 の近くに固まらない大きさに
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=2 / m.weight[0].numel() ** 0.5)
+    return model.eval()
+
+
+def test_slerp_keeps_the_ends_and_the_norm():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(256), rng.standard_normal(256)
+    assert np.allclose(diffusion_demo.slerp(a, b, 0.0), a)
+    assert np.allclose(diffusion_demo.slerp(a, b, 1.0), b)
+    mid = diffusion_demo.slerp(a, b, 0.5)
+    # ノルムの近い 2 つのノイズの中点は、ノルムがほぼ保たれる (直線の補間なら約 1/√2 倍)
+    assert abs(np.linalg.norm(mid) / np.linalg.norm(a) - 1) < 0.1
+    assert np.linalg.norm((a + b) / 2) / np.linalg.norm(a) < 0.8
+    assert np.array_equal(diffusion_demo.slerp(a, a, 0.3), a)  # 同じ向きでも割り算しない
+
+
+@pytest.mark.parametrize(("method", "guidance"), [("heun", 2.0), ("euler", 1.0),
+                                                  ("heun", 0.0)])
+def test_flow_reference_loop_equals_sample(method, guidance):
+    model = tiny_latent()
+    meta = diffusion_demo.latent_metadata(model)
+    x_T = torch.randn(1, *model.sample_shape, generator=torch.Generator().manual_seed(2))
+    ref = sample(model, None, 1, y=torch.tensor([5]), guidance_scale=guidance, method=method,
+                 steps=4, x_T=x_T)
+    out = diffusion_demo.reference_flow(
+        diffusion_demo.torch_flow_predict(model.unet), diffusion_demo.torch_decode(model), meta,
+        x_T.numpy(), 5, steps=4, method=method, guidance_scale=guidance)
+    assert out.shape == ref.shape == (1, 1, 32, 32)
+    assert np.abs(out - ref.numpy()).max() < 1e-4
+    assert ref.std() > 0.05
+
+
+def test_latent_metadata_takes_the_live_settings_as_data():
+    model = tiny_latent()
+    meta = diffusion_demo.latent_metadata(model, "other.onnx", "euler", 4)
+    assert meta["live"] == {"model": "other.onnx", "method": "euler", "steps": 4, "nfe": 4}
+    assert meta["shape"] == [4, 8, 8] and meta["image_shape"] == [1, 32, 32]
+    assert meta["null_class"] == model.null_class and meta["classes"] == list(CLASSES)
+    with pytest.raises(ValueError, match="method"):
+        diffusion_demo.latent_metadata(model, live_method="ddim")
+
+
+@pytest.mark.slow
+def test_export_latent_demo_graphs_equal_pytorch(tmp_path):
+    """2 つのグラフ (LatentUNet とデコーダー) を onnxruntime で回した参照ループが、PyTorch の
+    sample() の画像 (「生成」とライブ、テストの入力) と一致する。"""
+    import copy
+
+    model = tiny_latent()
+    # ライブ用の別のモデル (蒸留したものの代わり): 同じ自己符号化器で、UNet の重みだけ違う
+    live_model = copy.deepcopy(model)
+    with torch.no_grad():
+        live_model.unet.conv_out.weight.mul_(-1.5)
+    r = diffusion_demo.export_latent_demo(model, tmp_path, label=3, seed=1,
+                                          live_model=live_model, live_method="euler",
+                                          live_steps=3)
+    meta, vec = r["meta"], r["vectors"]
+    assert meta["live"] == {"model": diffusion_demo.LATENT_LIVE_FILE, "method": "euler",
+                            "steps": 3, "nfe": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [diffusion_demo.LATENT_UNET_FILE, diffusion_demo.LATENT_DECODER_FILE,
+         diffusion_demo.LATENT_LIVE_FILE, "latent.json", "latent-tests.json"])
+    assert r["onnx_diff"] < 1e-4
+    assert json.loads((tmp_path / "latent.json").read_text()) == meta
+    predict = diffusion_demo.onnx_predict(tmp_path / meta["model"])
+    live_predict = diffusion_demo.onnx_predict(tmp_path / meta["live"]["model"])
+    decode = diffusion_demo.onnx_decode(tmp_path / meta["decoder"])
+    a, b = (np.array(vec[k], np.float32) for k in ("noise_a", "noise_b"))
+    for case in vec["cases"]:
+        out = diffusion_demo.reference_flow(predict, decode, meta, a, vec["label"],
+                                            vec["steps"], vec["method"], case["guidance"])
+        assert np.abs(out.ravel() - np.array(case["image"])).max() < 1e-3
+    live = meta["live"]
+    for case in vec["live_cases"]:
+        x_T = diffusion_demo.slerp(a, b, case["w"]).astype(np.float32)
+        out = diffusion_demo.reference_flow(live_predict, decode, meta, x_T, vec["label"],
+                                            live["steps"], live["method"], case["guidance"])
+        assert np.abs(out.ravel() - np.array(case["image"])).max() < 1e-3
+    images = [np.array(c["image"]) for c in vec["cases"] + vec["live_cases"]]
+    assert min(np.abs(p - q).max() for i, p in enumerate(images) for q in images[i + 1:]) > 1e-3
+
+
+def test_live_model_with_another_autoencoder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="自己符号化器"):
+        diffusion_demo.export_latent_demo(tiny_latent(0), tmp_path, 0, 0,
+                                          live_model=tiny_latent(1))
+    assert list(tmp_path.iterdir()) == []  # 何も書かない
+
+
+def test_latent_demo_html_controls_come_from_metadata():
+    import re
+
+    meta = diffusion_demo.latent_metadata(tiny_latent(), live_steps=3)
+    page = diffusion_demo.latent_demo_html(meta, label=2, seeds=(4, 5))
+    assert 'data-demo="latent" data-script="diffusion"' in page
+    assert re.findall(r"<option [^>]*>([^<]*)</option>", page) == list(CLASSES)
+    assert '<option value="2" selected>' in page
+    lo, hi = meta["steps_range"]
+    assert f'name="steps" min="{lo}" max="{hi}" step="1" value="{meta["steps"]}"' in page
+    assert "ホイン法 3 ステップ、NFE 5" in page  # ライブの説明もメタデータから
+    ids = re.findall(r'<(?:input|select) [^>]*id="([^"]+)"', page)
+    assert len(ids) == len(set(ids)) == 6
+    assert sorted(re.findall(r'<label for="([^"]+)"', page)) == sorted(ids)
+
+
+def save_tiny_checkpoint(path, model):
+    from types import SimpleNamespace
+
+    from torchbook.diffusion.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, SimpleNamespace(model=model, step=0), "flow", 1000,
+                    ema_only=True)
+    return path
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from torchbook.diffusion.checkpoint import save_checkpoint
+
+    with pytest.raises(SystemExit) as e:
+        diffusion_demo.main(["--label", "10", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2 and "--label は 0〜9" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        diffusion_demo.main(["--checkpoint", str(tmp_path / "none.pt")])
+    assert "none.pt がありません" in capsys.readouterr().err
+    # 画素のモデルのチェックポイントは、1 行で断る (書き出しを始めない)
+    pixel = tmp_path / "pixel.pt"
+    unet = tiny_unet()
+    from types import SimpleNamespace
+    save_checkpoint(pixel, unet, SimpleNamespace(model=unet, step=0), "cosine", 1000,
+                    ema_only=True)
+    with pytest.raises(SystemExit) as e:
+        diffusion_demo.main(["--checkpoint", str(pixel), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "潜在フローのチェックポイント" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out" / "latent.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_writes_once_and_prints_the_demo_html(tmp_path, capsys):
+    ckpt = save_tiny_checkpoint(tmp_path / "latent.pt", tiny_latent())
+    out = tmp_path / "demo"
+    assert diffusion_demo.main(["--checkpoint", str(ckpt), "--out-dir", str(out), "--html",
+                                "--label", "4"]) == 0
+    page = capsys.readouterr().out
+    assert 'data-demo="latent"' in page and '<option value="4" selected>' in page
+    meta = json.loads((out / "latent.json").read_text())
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert set(stamps) == {meta["model"], meta["decoder"], "latent.json", "latent-tests.json"}
+    # 同じ入力なら書き出さない (本のページを読み直すたびに数十秒かけない)
+    diffusion_demo.main(["--checkpoint", str(ckpt), "--out-dir", str(out), "--label", "4"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    # 重みが替われば (統合の後の学習し直しなど) 書き出し直す
+    save_tiny_checkpoint(ckpt, tiny_latent(seed=1))
+    diffusion_demo.main(["--checkpoint", str(ckpt), "--out-dir", str(out), "--label", "4"])
+    assert (out / meta["model"]).stat().st_mtime_ns != stamps[meta["model"]]
+    assert json.loads((out / "latent.json").read_text())["source"] != meta["source"]

@@ -164,3 +164,22 @@ def test_a_demo_page_without_its_exported_files_is_a_build_warning(tmp_path, mon
     warnings.clear()
     ext._page_assets(app, "book/05_mnist", "page.html", {}, doc)
     assert warnings == []
+
+
+def test_a_demo_with_data_script_loads_that_script_once(tmp_path, monkeypatch):
+    # 潜在のデモ (data-demo="latent") は demo-diffusion.js のサンプラーで動く。画素のデモと
+    # 同じページにあっても JS は 1 回だけ読み、メタデータはデモの名前ごとに確かめる
+    monkeypatch.setenv(webdemo.ENV_DIR, str(tmp_path))
+    added, warnings = [], []
+    app = SimpleNamespace(add_css_file=added.append,
+                          add_js_file=lambda name, **kw: added.append(name))
+    monkeypatch.setattr(ext.logger, "warning", lambda msg, **kw: warnings.append(msg))
+    doc = new_document("page")
+    doc += nodes.raw("", '<div class="torchbook-demo" data-demo="latent" data-script="diffusion">'
+                     '<form></form></div><p data-script="mnist">x</p>', format="html")
+    doc += nodes.raw("", '<div data-demo="diffusion"></div>', format="html")
+    assert ext.demos_in(doc) == ["latent", "diffusion"]
+    assert ext.scripts_in(doc) == ["diffusion"]
+    ext._page_assets(app, "book/10_latent", "page.html", {}, doc)
+    assert added == ["webdemo.css", "webdemo-loader.js", "demo-diffusion.js"]
+    assert sorted(w.split()[1] for w in warnings) == ["diffusion", "latent"]
