@@ -256,6 +256,28 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return shlex.join(["python", "-m", module, *args])
 
 
+def provenance(command: str, device: torch.device, bf16: bool, **settings) -> dict:
+    """学習の来歴の共通部分: コマンド、コミット、装置と計算の設定、計算機、版、終わった時刻。"""
+    import platform
+    import time
+
+    from .device import cpu_model
+
+    return {"command": command, "commit": git_commit(), "device": str(device), "bf16": bf16,
+            **settings, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "python": platform.python_version(), "torch": str(torch.__version__)}
+
+
+def write_provenance(weights: str | os.PathLike, info: dict) -> None:
+    """来歴 ``{"train": info}`` を重みの隣の .json へ (atomic に) 書きます。"""
+    import json
+
+    atomic_write_text(Path(weights).with_suffix(".json"),
+                      json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+
+
 def git_commit() -> str | None:
     """このファイルがある git リポジトリのコミット (なければ None)。"""
     try:

@@ -144,10 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=options.probability, default=0.0,
                    help="交差エントロピーのラベル平滑化")
     p.add_argument("--seed", type=int, default=1, help="シード")
-    options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 の autocast を使う")
-    p.add_argument("--channels-last", action="store_true", help="channels_last 形式で計算する")
+    options.add_device_arguments(p, channels_last=True, auto_formats=False)
     p.add_argument("--save", default=str(DEFAULT_SAVE),
                    help="state_dict の保存先 (.pt、来歴は隣の .json)")
     p.add_argument("--reference", type=options.reference_count, nargs="*", default=[1000],

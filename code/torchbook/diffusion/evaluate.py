@@ -94,10 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=[DEFAULT_SEED],
                    help="サンプラーのシード (複数なら各シードで測る。FID のばらつきを見る"
                    f"ため。選ぶのは {DEFAULT_SEED} の結果)")
-    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
-    options.add_device_argument(p)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
+    options.add_device_arguments(p)
     return p
 
 

@@ -97,10 +97,80 @@ def device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """--device を足します (省くと cuda → mps → cpu の順に使えるもの)。"""
+def add_device_arguments(parser: argparse.ArgumentParser, channels_last: bool = False,
+                         auto_formats: bool = True) -> None:
+    """--device、--threads、--bf16 (channels_last=True なら --channels-last も) を足します。
+
+    --device を省くと cuda → mps → cpu の順に使えるもの。auto_formats=True なら、--bf16 と
+    --channels-last を省いたときは ``device.fast_formats`` が装置に合わせて決めます (値は None)。
+    False なら省くと使いません (分類器: 配布した重みを学習したときと同じ計算にするため)。
+    """
     parser.add_argument("--device", type=device, default=None,
                         help="cpu, cuda, cuda:1, mps など (既定: 使える中で最も速いもの)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU のスレッド数")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                        default=None if auto_formats else False,
+                        help="bf16 autocast" + (" (既定: 装置が bf16 を速く計算できるときだけ使う)"
+                                                if auto_formats else ""))
+    if channels_last:
+        parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                            default=None if auto_formats else False,
+                            help="channels_last メモリ形式"
+                            + (" (既定: CPU と CUDA で使う)" if auto_formats else ""))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, export_help: str) -> None:
+    """学習の CLI に共通の、保存・再開・打ち切りの引数を足します (export_help: --export の説明)。"""
+    parser.add_argument("--save-every", type=positive_int, default=500,
+                        help="何ステップごとに out/last.pt を保存するか")
+    parser.add_argument("--log-every", type=positive_int, default=100,
+                        help="何ステップごとに損失を記録するか")
+    parser.add_argument("--max-minutes", type=positive_float, default=None,
+                        help="この時間で学習を打ち切る")
+    parser.add_argument("--resume", action="store_true",
+                        help="out/last.pt から再開する (学習の形を決める設定は保存したものと"
+                        "同じに)")
+    parser.add_argument("--force", action="store_true",
+                        help="out/last.pt や --export のファイルがあっても上書きする")
+    parser.add_argument("--export", default=None,
+                        help=export_help)
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="学習画像の枚数を制限する (試し用)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+
+
+def check_run_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path | None:
+    """学習の CLI の --out・--resume・--force を作業の前に確かめ、out/last.pt を返します。
+
+    前の学習 (out/last.pt) を黙って消しません: 続けるなら --resume、捨てるなら --force。
+    --dry-run は何も書かないので、組み合わせだけ確かめて None を返します。
+    """
+    if args.resume and args.force:
+        parser.error("--resume と --force は同時に使えません "
+                     "(続きから学習するか、最初からやり直すか)")
+    if args.dry_run:
+        if args.resume:
+            parser.error("--dry-run は何も読み書きしない試しなので、--resume と一緒に使えません")
+        return None
+    last = check_folder(parser, args.out, "--out") / "last.pt"
+    if args.resume and not last.is_file():
+        parser.error(f"--resume: {last} がないので再開できません "
+                     "(--resume を外すと最初から学習します)")
+    if last.is_file() and not (args.resume or args.force):
+        parser.error(f"{last} に前の学習があります。続けるなら --resume、"
+                     "捨てて最初からやり直すなら --force を付けるか、別の --out を指定してください")
+    return last
+
+
+def check_export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--export の .pt と隣の .json を作業の前に確かめます (--force なしでは上書きしない)。"""
+    if not args.export or args.dry_run:
+        return
+    export = check_output(parser, args.export, "--export", (".pt",))
+    for f in (export, export.with_suffix(".json")):
+        if f.exists() and not args.force:
+            parser.error(f"--export: {f} がすでにあります。上書きするなら --force を付けてください")
 
 
 def check_output(parser: argparse.ArgumentParser, path: str | os.PathLike, option: str,

@@ -75,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=options.nonneg_float, default=DEFAULT_GUIDANCE,
                    help="CFG の強さ s (0 = クラスなし)")
     p.add_argument("--seed", type=int, default=0, help="シード (同じなら同じ画像)")
-    options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
+    options.add_device_arguments(p)
     p.add_argument("--dry-run", action="store_true",
                    help="乱数の重みの小さなモデルで 2 ステップだけ")
     return p

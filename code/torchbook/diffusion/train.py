@@ -31,9 +31,7 @@ if not __package__:  # ファイルを直接実行した: 下の相対 import �
     import direct_run  # noqa: F401
 
 import argparse
-import json
 import math
-import platform
 import signal
 import sys
 import threading
@@ -48,17 +46,17 @@ from . import options
 from .algorithms import ddpm_train_step, flow_train_step
 from .autoencoder import encode_all
 from .checkpoint import (
-    atomic_write_text,
     command_line,
-    git_commit,
     load_autoencoder,
+    provenance,
     read_autoencoder,
     read_diffusion,
     restore_training,
     save_checkpoint,
+    write_provenance,
 )
 from .data import load_tensors
-from .device import cpu_model, fast_formats, get_device
+from .device import fast_formats, get_device
 from .latent import LatentFlow, LatentUNet
 from .sampling import sample
 from .schedule import NoiseSchedule
@@ -165,32 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=options.patch_size, default=2,
                    help="UNet が最初に画像を分ける小区画の一辺 (1, 2, 4。--latent では使いません)")
     p.add_argument("--seed", type=int, default=0, help="シード")
-    options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None,
-                   help="CPU のスレッド数")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ使う)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last メモリ形式 (既定: CPU と CUDA で使う)")
-    p.add_argument("--save-every", type=options.positive_int, default=500,
-                   help="何ステップごとに保存するか")
-    p.add_argument("--log-every", type=options.positive_int, default=100,
-                   help="何ステップごとに損失を記録するか")
-    p.add_argument("--max-minutes", type=options.positive_float, default=None,
-                   help="この時間で学習を打ち切る")
-    p.add_argument("--resume", action="store_true",
-                   help="out/last.pt から再開する (学習の形を決める設定は保存したものと同じに)")
+    options.add_device_arguments(p, channels_last=True)
+    options.add_run_arguments(
+        p, export_help="最後に EMA の重みだけをここ (.pt) へ、来歴を隣の .json へ保存する")
     p.add_argument("--extend", action="store_true",
                    help="--resume で、保存した学習より大きい --steps まで延ばす (学習率の"
                    "コサインは新しい --steps に合わせて描き直す)")
-    p.add_argument("--force", action="store_true",
-                   help="out/last.pt や --export のファイルがあっても上書きする")
-    p.add_argument("--export", default=None,
-                   help="最後に EMA の重みだけをここ (.pt) へ、来歴を隣の .json へ保存する")
-    p.add_argument("--limit", type=options.positive_int, default=None,
-                   help="学習画像の枚数を制限する (試し用)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
     return p
 
 
@@ -211,25 +189,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.objective = args.objective or "eps"
     if args.channels is None:
         args.channels = (32, 64) if args.latent else (32, 64, 128)
-    if args.resume and args.force:
-        p.error("--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)")
-    if args.dry_run:
-        return args
-    out = options.check_folder(p, args.out, "--out")
-    last = out / "last.pt"
     if args.extend and not args.resume:
         p.error("--extend は --resume と一緒に使います (保存した学習を延ばすためのものです)")
-    if args.resume and not last.is_file():
-        p.error(f"--resume: {last} がないので再開できません (--resume を外すと最初から学習します)")
-    args.resume_from = check_resume(p, args, last) if args.resume else None
-    if last.is_file() and not (args.resume or args.force):
-        p.error(f"{last} に前の学習があります。続けるなら --resume、"
-                "捨てて最初からやり直すなら --force を付けるか、別の --out を指定してください")
-    if args.export:
-        export = options.check_output(p, args.export, "--export", (".pt",))
-        for f in (export, export.with_suffix(".json")):
-            if f.exists() and not args.force:
-                p.error(f"--export: {f} がすでにあります。上書きするなら --force を付けてください")
+    last = options.check_run_folder(p, args)
+    args.resume_from = check_resume(p, args, last) if args.resume and last else None
+    options.check_export(p, args)
     return args
 
 
@@ -381,13 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary.update(step=step, stopped_early=stopped_early,
                    final_loss=history[-1][1] if history else loss_value)
     if args.export and not args.dry_run:
-        info = {"command": command, "commit": git_commit(), "device": str(device),
-                "bf16": bf16, "channels_last": channels_last,
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "python": platform.python_version(), "torch": str(torch.__version__),
-                **summary}
+        info = {**provenance(command, device, bf16, channels_last=channels_last), **summary}
         if args.latent:  # 自己符号化器の学習の記録も添える (合計の学習時間を出すため)
             ae_extra = read_autoencoder(args.latent)["extra"]
             info["autoencoder"] = {"path": str(args.latent), **{
@@ -396,8 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             save_checkpoint(args.export, model, ema, schedule_name, args.T, info,
                             ema_only=True, step=step, objective=args.objective, previews=previews)
-            atomic_write_text(Path(args.export).with_suffix(".json"),
-                              json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+            write_provenance(args.export, info)
         except OSError as e:  # last.pt は保存済みなので、--export だけやり直せばよい
             raise SystemExit(str(e)) from None
         print(f"EMA の重みを {args.export} に書きました")

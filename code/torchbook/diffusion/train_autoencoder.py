@@ -18,9 +18,7 @@ if not __package__:  # ファイルを直接実行した: 下の相対 import �
     import direct_run  # noqa: F401
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,14 +35,14 @@ from .autoencoder import (
     vae_loss,
 )
 from .checkpoint import (
-    atomic_write_text,
     command_line,
-    git_commit,
+    provenance,
     read_autoencoder,
     save_autoencoder,
+    write_provenance,
 )
 from .data import load_tensors
-from .device import cpu_model, fast_formats, get_device
+from .device import fast_formats, get_device
 
 SPLIT_SEED = 0  # 学習用と検証用に分ける並べ替えのシード
 
@@ -78,25 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=options.positive_int, default=5000,
                    help="学習に使わず再構成誤差を測る画像の枚数")
     p.add_argument("--seed", type=int, default=0, help="シード")
-    options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
-    p.add_argument("--save-every", type=options.positive_int, default=500,
-                   help="何ステップごとに last.pt を保存するか")
-    p.add_argument("--log-every", type=options.positive_int, default=100,
-                   help="何ステップごとに損失を記録するか")
-    p.add_argument("--max-minutes", type=options.positive_float, default=None,
-                   help="この時間で学習を打ち切る")
-    p.add_argument("--resume", action="store_true", help="out/last.pt から再開する")
-    p.add_argument("--force", action="store_true",
-                   help="out/last.pt や --export のファイルがあっても上書きする")
-    p.add_argument("--export", default=None,
-                   help="最後に配布用の重みをここ (.pt) へ、来歴を隣の .json へ保存する")
-    p.add_argument("--limit", type=options.positive_int, default=None,
-                   help="学習画像の枚数を制限する (試し用)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+    options.add_device_arguments(p)
+    options.add_run_arguments(
+        p, export_help="最後に配布用の重みをここ (.pt) へ、来歴を隣の .json へ保存する")
     return p
 
 
@@ -106,22 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(args.width) != 1:
         p.error(f"--width は 1 つの数にしてください (受け取ったのは {args.width})")
     args.width = args.width[0]
-    if args.resume and args.force:
-        p.error("--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)")
-    if args.dry_run:
-        return args
-    out = options.check_folder(p, args.out, "--out")
-    last = out / "last.pt"
-    if args.resume and not last.is_file():
-        p.error(f"--resume: {last} がないので再開できません (--resume を外すと最初から学習します)")
-    if last.is_file() and not (args.resume or args.force):
-        p.error(f"{last} に前の学習があります。続けるなら --resume、"
-                "捨てて最初からやり直すなら --force を付けるか、別の --out を指定してください")
-    if args.export:
-        export = options.check_output(p, args.export, "--export", (".pt",))
-        for f in (export, export.with_suffix(".json")):
-            if f.exists() and not args.force:
-                p.error(f"--export: {f} がすでにあります。上書きするなら --force を付けてください")
+    options.check_run_folder(p, args)
+    options.check_export(p, args)
     return args
 
 
@@ -249,14 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"完了: ステップ {step}, 検証の再構成誤差 (1 画素の二乗誤差) {val_mse:.5f}, "
           f"KL {val_kl:.1f}, latent_scale {scale:.4f}")
     if args.export and not args.dry_run:
-        info = {"command": command, "commit": git_commit(), "device": str(device), "bf16": bf16,
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-                "python": platform.python_version(), "torch": str(torch.__version__),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **summary}
+        info = {**provenance(command, device, bf16), **summary}
         save_autoencoder(args.export, model, step, info, export=True)
-        atomic_write_text(Path(args.export).with_suffix(".json"),
-                          json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+        write_provenance(args.export, info)
         print(f"重みを {args.export} に書きました")
     return summary
 
