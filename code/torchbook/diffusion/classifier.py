@@ -131,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(description="FID/KID 用の Fashion-MNIST 分類器を学習します",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
-    p.add_argument("--download", action="store_true",
-                   help="Fashion-MNIST が無ければ torchvision でダウンロードする")
+    options.add_data_arguments(p)
     p.add_argument("--epochs", type=options.positive_int, default=10, help="エポック数")
     p.add_argument("--batch-size", type=options.positive_int, default=256, help="バッチサイズ")
     p.add_argument("--lr", type=options.positive_float, default=3e-3, help="OneCycle の最大学習率")

@@ -74,9 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="拡散モデルのチェックポイント (.pt)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="結果を書き足す JSON")
-    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
-    p.add_argument("--download", action="store_true",
-                   help="Fashion-MNIST が無ければ torchvision でダウンロードする")
+    options.add_data_arguments(p)
     p.add_argument("--classifier", default=None, help="分類器の重み (既定: 同梱の重み)")
     p.add_argument("--split", choices=SPLITS, default="val",
                    help="参照画像: val (測って選ぶため) か test (reference・chosen と、"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .device import get_device
+from .device import fast_formats, get_device
 
 
 def positive_int(text: str) -> int:
@@ -97,6 +97,13 @@ def device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-root と --download を足します (Fashion-MNIST を読む CLI で共通)。"""
+    parser.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
+    parser.add_argument("--download", action="store_true",
+                        help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, channels_last: bool = False,
                          auto_formats: bool = True) -> None:
     """--device、--threads、--bf16 (channels_last=True なら --channels-last も) を足します。
@@ -117,6 +124,15 @@ def add_device_arguments(parser: argparse.ArgumentParser, channels_last: bool = 
                             default=None if auto_formats else False,
                             help="channels_last メモリ形式"
                             + (" (既定: CPU と CUDA で使う)" if auto_formats else ""))
+
+
+def setup_device(args: argparse.Namespace) -> tuple[torch.device, bool, bool]:
+    """--threads を設定し、--device・--bf16・--channels-last から (装置, bf16, channels_last)
+    を決めます (省いた項目は ``get_device`` と ``fast_formats`` が選びます)。"""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or get_device()
+    return (device, *fast_formats(device, args.bf16, getattr(args, "channels_last", None)))
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, export_help: str) -> None:

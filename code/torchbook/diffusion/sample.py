@@ -34,7 +34,6 @@ from .checkpoint import (
     objective_of,
     read_diffusion,
 )
-from .device import fast_formats, get_device
 from .sampling import (
     DEFAULT_ETA,
     DEFAULT_FLOW_METHOD,
@@ -113,10 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> torch.Tensor:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or get_device()
-    bf16, channels_last = fast_formats(device, args.bf16)
+    device, bf16, channels_last = options.setup_device(args)
     if args.dry_run:  # 学習済みの重みなしで、CLI の流れだけを選んだ装置で確かめる
         objective = "flow" if args.method in FLOW_METHODS else "eps"
         model = UNet(channels=(16, 32), objective=objective).to(device).eval()

@@ -56,7 +56,6 @@ from .checkpoint import (
     write_provenance,
 )
 from .data import load_tensors
-from .device import fast_formats, get_device
 from .latent import LatentFlow, LatentUNet
 from .sampling import sample
 from .schedule import NoiseSchedule
@@ -132,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fashion-MNIST で DDPM (ε 予測) かフローマッチングのモデル (v 予測) を"
                     "クラス条件付きで学習します",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
-    p.add_argument("--download", action="store_true",
-                   help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
+    options.add_data_arguments(p)
     p.add_argument("--out", default="runs/ddpm", help="チェックポイント last.pt を書くフォルダー")
     p.add_argument("--steps", type=options.positive_int, default=20000, help="学習ステップ数")
     p.add_argument("--batch-size", type=options.positive_int, default=128, help="バッチサイズ")
@@ -200,10 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = command_line(__spec__.name if __spec__ else __name__, argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or get_device()
-    bf16, channels_last = fast_formats(device, args.bf16, args.channels_last)
+    device, bf16, channels_last = options.setup_device(args)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 

@@ -42,7 +42,6 @@ from .checkpoint import (
     write_provenance,
 )
 from .data import load_tensors
-from .device import fast_formats, get_device
 
 SPLIT_SEED = 0  # 学習用と検証用に分ける並べ替えのシード
 
@@ -59,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="潜在拡散のための KL 正則化つき自己符号化器 (VAE) を"
                     "Fashion-MNIST で学習します",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
-    p.add_argument("--download", action="store_true",
-                   help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
+    options.add_data_arguments(p)
     p.add_argument("--out", default="runs/autoencoder", help="last.pt を書くフォルダー")
     p.add_argument("--latent-channels", type=options.positive_int, default=4,
                    help="潜在変数 (8×8) のチャンネル数")
@@ -96,10 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = command_line(__spec__.name if __spec__ else __name__, argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or get_device()
-    bf16, _ = fast_formats(device, args.bf16)
+    device, bf16, _ = options.setup_device(args)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     if args.dry_run:
