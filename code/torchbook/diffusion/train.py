@@ -238,11 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
     step, history, elapsed_before, cpu_before, previews = 0, [], 0.0, 0.0, {}
     if args.resume:
         ckpt = args.resume_from
-        step = restore_training(ckpt, model, ema, opt, lr_sched, gen)
-        history = ckpt["extra"].get("history", [])
-        elapsed_before = ckpt["extra"].get("wall_seconds", 0.0)
-        cpu_before = ckpt["extra"].get("cpu_seconds", 0.0) - encode_seconds
-        previews = ckpt.get("previews", {})
+        try:
+            step = restore_training(ckpt, model, ema, opt, lr_sched, gen)
+        except ValueError as e:  # 作業の前 (データを読んだだけ) に 1 行で止める
+            raise SystemExit(f"--resume: {last}: {e}") from None
+        history = ckpt["extra"]["history"]
+        elapsed_before = ckpt["extra"]["wall_seconds"]
+        cpu_before = ckpt["extra"]["cpu_seconds"] - encode_seconds
+        previews = ckpt["previews"]
         print(f"{last} のステップ {step} から再開します")
 
     n_params = sum(p.numel() for p in model.parameters())

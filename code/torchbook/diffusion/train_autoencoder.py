@@ -42,6 +42,7 @@ from .checkpoint import (
     write_provenance,
 )
 from .data import load_tensors
+from .training import lr_lambda
 
 SPLIT_SEED = 0  # 学習用と検証用に分ける並べ替えのシード
 
@@ -129,20 +130,14 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_rng_state(ckpt["rng"])
         gen.set_state(ckpt["generator"])
         step = ckpt["step"]
-        history = ckpt["extra"].get("history", [])
-        wall_before = ckpt["extra"].get("wall_seconds", 0.0)
-        cpu_before = ckpt["extra"].get("cpu_seconds", 0.0)
+        history = ckpt["extra"]["history"]
+        wall_before = ckpt["extra"]["wall_seconds"]
+        cpu_before = ckpt["extra"]["cpu_seconds"]
         print(f"{last} のステップ {step} から再開します")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Autoencoder latent {model.latent_shape}: {n_params:,} パラメーター, device={device}, "
           f"bf16={bf16}, threads={torch.get_num_threads()}")
     t_start, cpu_start = time.time(), time.process_time()
-
-    def lr_at(s: int) -> float:  # 5% の線形ウォームアップの後、コサインで 0.05 倍まで
-        warm = max(1, args.steps // 20)
-        if s < warm:
-            return (s + 1) / warm
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm)))
 
     def extra() -> dict:
         return {"history": history, "wall_seconds": wall_before + time.time() - t_start,
@@ -155,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.dry_run:
             save_autoencoder(last, model, step, extra(), opt, gen)
 
+    warmup = max(1, args.steps // 20)  # 5% の線形ウォームアップの後、コサインで 0.05 倍まで
     model.train()
     sums = torch.zeros(3)
     count = 0
@@ -163,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         while step < args.steps:
             for g in opt.param_groups:
-                g["lr"] = args.lr * lr_at(step)
+                g["lr"] = args.lr * lr_lambda(step, warmup, args.steps)
             x = x_train[torch.randint(0, len(x_train), (args.batch_size,), generator=gen)]
             x = x.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
