@@ -130,7 +130,7 @@ def train_epoch(
 def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(description="FID/KID 用の Fashion-MNIST 分類器を学習します",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=options.HelpFormatter)
     options.add_data_arguments(p)
     p.add_argument("--epochs", type=options.positive_int, default=10, help="エポック数")
     p.add_argument("--batch-size", type=options.positive_int, default=256, help="バッチサイズ")

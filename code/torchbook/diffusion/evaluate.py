@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
         description="拡散モデル (DDPM かフローマッチング) の FID/KID/正解率/時間を測り、"
-        "JSON に書きます", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "JSON に書きます", formatter_class=options.HelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="拡散モデルのチェックポイント (.pt)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="結果を書き足す JSON")

@@ -16,6 +16,25 @@ import torch
 from .device import fast_formats, get_device
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help に既定値を示します (argparse の ArgumentDefaultsHelpFormatter と同じ)。ただし:
+
+    - 既定が None の引数には「(default: None)」を足しません。None の意味 (「使える中で
+      最も速いもの」など) は説明に「既定: …」として書きます。
+    - 並びの既定値はコマンドラインに書く形 (空白区切り) で示します (「['a', 'b']」ではなく)。
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or "%(default)" in text
+                or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
 def positive_int(text: str) -> int:
     """1 以上の整数。"""
     try:
@@ -81,6 +100,14 @@ def channel_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def channel_count(text: str) -> int:
+    """1 つのチャンネル数 (8 の倍数: GroupNorm の 8 グループで割るため)。"""
+    values = channel_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"1 つの数にしてください (受け取ったのは {text!r})")
+    return values[0]
+
+
 def patch_size(text: str) -> int:
     """UNet の patch_size (1, 2, 4: 32×32 の画像を割り切り、縮めた後も 2 回半分にできる値)。"""
     value = positive_int(text)
@@ -114,7 +141,8 @@ def add_device_arguments(parser: argparse.ArgumentParser, channels_last: bool = 
     """
     parser.add_argument("--device", type=device, default=None,
                         help="cpu, cuda, cuda:1, mps など (既定: 使える中で最も速いもの)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU のスレッド数")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU のスレッド数 (既定: PyTorch が決める数)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                         default=None if auto_formats else False,
                         help="bf16 autocast" + (" (既定: 装置が bf16 を速く計算できるときだけ使う)"
@@ -142,16 +170,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, export_help: str) -> None
     parser.add_argument("--log-every", type=positive_int, default=100,
                         help="何ステップごとに損失を記録するか")
     parser.add_argument("--max-minutes", type=positive_float, default=None,
-                        help="この時間で学習を打ち切る")
+                        help="この時間で学習を打ち切る (既定: 打ち切らない)")
     parser.add_argument("--resume", action="store_true",
                         help="out/last.pt から再開する (学習の形を決める設定は保存したものと"
                         "同じに)")
     parser.add_argument("--force", action="store_true",
                         help="out/last.pt や --export のファイルがあっても上書きする")
     parser.add_argument("--export", default=None,
-                        help=export_help)
+                        help=f"{export_help} (既定: 書き出さない)")
     parser.add_argument("--limit", type=positive_int, default=None,
-                        help="学習画像の枚数を制限する (試し用)")
+                        help="学習画像の枚数を制限する (試し用。既定: すべて)")
     parser.add_argument("--dry-run", action="store_true",
                         help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
 

@@ -53,7 +53,7 @@ from .unet import UNet
 def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(description="学習済みの拡散モデルで画像を生成して PNG に並べます",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=options.HelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="拡散モデルのチェックポイント (.pt)")
     p.add_argument("--out", default="samples.png", help="書き出す画像 (.png / .jpg)")
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", default=DEFAULT_SPACING, choices=["trailing", "leading"],
                    help="DDIM と DPM-Solver++ の時刻の選び方")
     p.add_argument("--class", dest="label", type=int, default=None,
-                   help="このクラス (0〜9) だけを生成")
+                   help="このクラス (0〜9) だけを生成 (既定: クラスなしで生成)")
     p.add_argument("--class-grid", action="store_true", help="各行が 1 クラスの 10 行の格子")
     p.add_argument("--guidance", type=options.nonneg_float, default=DEFAULT_GUIDANCE,
                    help="CFG の強さ s (0 = クラスなし)")

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Fashion-MNIST で DDPM (ε 予測) かフローマッチングのモデル (v 予測) を"
                     "クラス条件付きで学習します",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=options.HelpFormatter)
     options.add_data_arguments(p)
     p.add_argument("--out", default="runs/ddpm", help="チェックポイント last.pt を書くフォルダー")
     p.add_argument("--steps", type=options.positive_int, default=20000, help="学習ステップ数")
@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eps: DDPM (ε 予測。既定)、flow: フローマッチング (速度 v 予測。"
                    "--latent では flow だけ)")
     p.add_argument("--latent", default=None, metavar="AUTOENCODER.pt",
-                   help="この自己符号化器の潜在空間でフローマッチングのモデルを学習する (潜在拡散)")
+                   help="この自己符号化器の潜在空間でフローマッチングのモデルを学習する "
+                   "(潜在拡散。既定: 画素の空間で学習する)")
     p.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit-normal"],
                    help="フローマッチングで t をどう選ぶか (--objective eps では使いません)")
     p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"],

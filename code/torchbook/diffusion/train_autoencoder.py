@@ -56,14 +56,14 @@ def split_train_val(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
-        description="潜在拡散のための KL 正則化つき自己符号化器 (VAE) を"
+        description="潜在拡散のための KL 正則化つき自己符号化器 (VAE) を "
                     "Fashion-MNIST で学習します",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=options.HelpFormatter)
     options.add_data_arguments(p)
     p.add_argument("--out", default="runs/autoencoder", help="last.pt を書くフォルダー")
     p.add_argument("--latent-channels", type=options.positive_int, default=4,
                    help="潜在変数 (8×8) のチャンネル数")
-    p.add_argument("--width", type=options.channel_list, default=(32,),
+    p.add_argument("--width", type=options.channel_count, default=32,
                    help="畳み込みのチャンネル数の基準 (8 の倍数)")
     p.add_argument("--beta", type=options.nonneg_float, default=1e-3,
                    help="KL の重み β (損失 = ‖x - x̂‖² + β·KL)")
@@ -83,9 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if len(args.width) != 1:
-        p.error(f"--width は 1 つの数にしてください (受け取ったのは {args.width})")
-    args.width = args.width[0]
     options.check_run_folder(p, args)
     options.check_export(p, args)
     return args
