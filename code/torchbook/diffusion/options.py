@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .data import load_tensors
 from .device import fast_formats, get_device
 
 
@@ -161,6 +162,20 @@ def setup_device(args: argparse.Namespace) -> tuple[torch.device, bool, bool]:
         torch.set_num_threads(args.threads)
     device = args.device or get_device()
     return (device, *fast_formats(device, args.bf16, getattr(args, "channels_last", None)))
+
+
+def train_images(args: argparse.Namespace, fake: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """学習画像 ([-1, 1]、N×1×32×32) とラベルを読みます (学習の CLI の --data-root・--download)。
+
+    --dry-run ならデータを読まず、fake 枚の乱数の画像と乱数のラベルを返します。
+    データが無い・壊れているときは、直し方を 1 行で示して止めます (トレースバックなし)。
+    """
+    if args.dry_run:
+        return torch.rand(fake, 1, 32, 32) * 2 - 1, torch.randint(0, 10, (fake,))
+    try:
+        return load_tensors(args.data_root, train=True, download=args.download)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, export_help: str) -> None:

@@ -55,7 +55,6 @@ from .checkpoint import (
     save_checkpoint,
     write_provenance,
 )
-from .data import load_tensors
 from .latent import LatentFlow, LatentUNet
 from .sampling import sample
 from .schedule import NoiseSchedule
@@ -202,15 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
+    x_all, y_all = options.train_images(args, fake=256)
     if args.dry_run:
-        x_all = torch.rand(256, 1, 32, 32) * 2 - 1
-        y_all = torch.randint(0, 10, (256,))
         args.steps = min(args.steps, 2)
-    else:
-        try:
-            x_all, y_all = load_tensors(args.data_root, train=True, download=args.download)
-        except (OSError, ValueError) as e:  # データが無い・壊れている: 直し方を 1 行で
-            raise SystemExit(str(e)) from None
     if args.limit:
         x_all, y_all = x_all[: args.limit], y_all[: args.limit]
     encode_seconds = 0.0

@@ -41,7 +41,6 @@ from .checkpoint import (
     save_autoencoder,
     write_provenance,
 )
-from .data import load_tensors
 from .training import lr_lambda
 
 SPLIT_SEED = 0  # 学習用と検証用に分ける並べ替えのシード
@@ -94,14 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     device, bf16, _ = options.setup_device(args)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
+    x_all, _ = options.train_images(args, fake=64)
     if args.dry_run:
-        x_all = torch.rand(64, 1, 32, 32) * 2 - 1
         args.steps, args.val_size = min(args.steps, 2), 16
-    else:
-        try:
-            x_all, _ = load_tensors(args.data_root, train=True, download=args.download)
-        except (OSError, ValueError) as e:  # データが無い・壊れている: 直し方を 1 行で
-            raise SystemExit(str(e)) from None
     if args.val_size >= len(x_all):
         raise SystemExit(f"--val-size {args.val_size} は画像の枚数 {len(x_all)} より小さくして"
                          "ください")
