@@ -2,6 +2,8 @@
 
 argparse の ``type=`` に渡す関数は、受け付けない値に ``ArgumentTypeError`` を出します。
 argparse はそれを ``error: argument --steps: ...`` の 1 行にして終了コード 2 で止めます。
+CLI どうしで同じ引数 (``add_*_arguments``)、同じ確認 (``check_*``)、装置の準備
+(``setup_device``) と学習画像の読み込み (``train_images``) もここに 1 つずつ置きます。
 """
 
 from __future__ import annotations
