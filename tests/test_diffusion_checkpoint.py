@@ -158,3 +158,45 @@ def test_train_under_a_file_size_limit_says_the_checkpoint_is_kept(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "前のファイルはそのまま" in r.stderr.strip().splitlines()[-1]
     assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def _tiny_latent_run(seed: int):
+    """小さな LatentFlow と、再開用の保存に要る学習の状態 (EMA、最適化器、学習率、乱数)。"""
+    from torchbook.diffusion.autoencoder import Autoencoder
+    from torchbook.diffusion.latent import LatentFlow, LatentUNet
+    from torchbook.diffusion.training import EMA, lr_scheduler
+
+    torch.manual_seed(0)  # 自己符号化器は学習の CLI と同じく、どの実行でも同じもの (--latent)
+    autoencoder = Autoencoder(4, width=16, latent_scale=2.0)
+    torch.manual_seed(seed)
+    model = LatentFlow(LatentUNet(4, (16, 32), heads=2, context_dim=16), autoencoder)
+    ema = EMA(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, ema, opt, lr_scheduler(opt, 2, 10), torch.Generator().manual_seed(seed)
+
+
+def test_resumable_latent_checkpoint_stores_the_frozen_autoencoder_once(tmp_path):
+    """再開用の last.pt: 固定した自己符号化器は ema の中の 1 回だけ (以前は model にも)。"""
+    model, ema, opt, sched, gen = _tiny_latent_run(0)
+    ema.step = 5
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model, ema, "flow", 1000, {}, False, opt, sched, 5, gen, "flow")
+    ckpt = torch.load(path, weights_only=True)
+    ae_keys = [k for part in ("model", "ema") for k in ckpt[part] if "autoencoder." in k]
+    assert ae_keys and all(k.startswith("autoencoder.") for k in ae_keys)
+    assert not [k for k in ckpt["model"] if k.startswith("autoencoder")]
+    fresh, fresh_ema, fresh_opt, fresh_sched, fresh_gen = _tiny_latent_run(1)
+    assert checkpoint.restore_training(ckpt, fresh, fresh_ema, fresh_opt, fresh_sched,
+                                       fresh_gen) == 5
+    for a, b in ((model, fresh), (ema.model, fresh_ema.model)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            torch.testing.assert_close(x, y, msg=name)
+    assert fresh_ema.step == 5
+
+
+def test_resumable_save_needs_the_training_state(tmp_path):
+    """再開用の保存に最適化器などを渡し忘れると、その場で止める (以前は None を書いた)。"""
+    model = tiny_unet()
+    with pytest.raises(ValueError, match="ema_only=True"):
+        save_checkpoint(tmp_path / "last.pt", model, _Ema(model), "cosine", 100)
+    assert not (tmp_path / "last.pt").exists()

@@ -402,7 +402,61 @@ def test_the_four_clis_share_their_conventions():
     """--help は既定値を示し、どの引数にも説明があり、--device の既定は自動。"""
     for module in (train, sample, evaluate, classifier, train_autoencoder):
         p = module.build_parser()
-        assert p.formatter_class is argparse.ArgumentDefaultsHelpFormatter, module.__name__
+        assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
         assert not [a.option_strings for a in p._actions if not a.help], module.__name__
         device = next(a for a in p._actions if "--device" in a.option_strings)
         assert device.default is None, module.__name__  # None = get_device() が選ぶ
+
+
+@pytest.mark.parametrize("cli", [train, train_autoencoder], ids=lambda m: m.__name__)
+def test_both_training_clis_refuse_the_same_run_folder_mistakes(cli, tmp_path, capsys):
+    """--out・--resume・--force・--export・--dry-run の確かめ方は 2 つの学習 CLI で同じ 1 行。"""
+    out, export = tmp_path / "run", tmp_path / "m.pt"
+
+    def refusal(*args: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(["--out", str(out), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "Traceback" not in "\n".join(err), err
+        return err[-1].split("error: ", 1)[1]
+
+    messages = [refusal("--resume", "--force"),
+                refusal("--dry-run", "--resume"),  # 以前は作業を始めてからトレースバック
+                refusal("--resume")]
+    export.with_suffix(".json").write_text("{}")
+    messages.append(refusal("--export", str(export)))
+    (out / "last.pt").write_bytes(b"x")
+    messages.append(refusal("--export", str(export)))  # 前の学習の方を先に言う
+    assert messages == [
+        "--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)",
+        "--dry-run は何も読み書きしない試しなので、--resume と一緒に使えません",
+        f"--resume: {out / 'last.pt'} がないので再開できません "
+        "(--resume を外すと最初から学習します)",
+        f"--export: {export.with_suffix('.json')} がすでにあります。"
+        "上書きするなら --force を付けてください",
+        f"{out / 'last.pt'} に前の学習があります。続けるなら --resume、"
+        "捨てて最初からやり直すなら --force を付けるか、別の --out を指定してください"]
+
+
+def test_device_threads_and_bf16_flags_are_the_same_in_every_cli():
+    """--device・--threads・--bf16/--no-bf16 は options.add_device_arguments が足します。"""
+    for module in (train, sample, evaluate, classifier, train_autoencoder):
+        p = module.build_parser()
+        flags = {s for a in p._actions for s in a.option_strings}
+        assert {"--device", "--threads", "--bf16", "--no-bf16"} <= flags, module.__name__
+
+
+def test_help_shows_defaults_as_they_are_typed():
+    """--help の既定値: None は説明の「既定: …」で言い、並びは打つ形、--width は 32。"""
+    for module in (train, sample, evaluate, classifier, train_autoencoder):
+        p = module.build_parser()
+        text = " ".join(p.format_help().split())
+        assert "(default: None)" not in text, module.__name__
+        assert "(default: [" not in text and "(default: (" not in text, module.__name__
+        for a in p._actions:
+            if a.default is None and a.option_strings:
+                assert "既定" in a.help or "省く" in a.help, (module.__name__, a.option_strings)
+    help_ae = " ".join(train_autoencoder.build_parser().format_help().split())
+    assert "(default: 32)" in help_ae and "(VAE) を Fashion-MNIST" in help_ae
+    assert train_autoencoder.parse_args(["--dry-run", "--width", "16"]).width == 16
+    assert "(default: reference ddim:50)" in " ".join(evaluate.build_parser().format_help().split())

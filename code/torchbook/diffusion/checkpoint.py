@@ -12,13 +12,15 @@
      "extra": 来歴 (学習の記録など),
      "previews": {ステップ: 同じノイズから作った見本の画像 (uint8)},
      # 以下は学習を再開するためのもの。配布用 (ema_only) のファイルにはありません
-     "model": 学習中の重み, "optimizer": ..., "lr_scheduler": ...,
+     "model": 学習中の重み (学習する部分だけ: trained_part), "optimizer": ..., "lr_scheduler": ...,
      "rng": torch の乱数の状態, "generator": データを選ぶ乱数の状態,
      "config": 学習の形を決める設定 (再開のときに比べる。train.RUN_SETTINGS)}
 
 潜在空間のフローマッチングのモデル (``latent.LatentFlow``) は ``kind == "torchbook-latent-flow-v1"``
 で、形は同じです (``"unet"`` は LatentFlow.config: 潜在 UNet と自己符号化器の構成。
-``"ema"`` にはデコーダーを含む自己符号化器の重みも入るので、このファイルだけで画像まで作れます)。
+``"ema"`` にはデコーダーを含む自己符号化器の重みも入るので、このファイルだけで画像まで作れます。
+固定した自己符号化器の重みは ``"ema"`` の中の 1 回だけで、再開用の ``"model"`` は
+LatentUNet だけです)。
 
 自己符号化器 (``autoencoder.Autoencoder``) は ``kind == "torchbook-autoencoder-v1"`` の辞書で、
 ``"autoencoder"`` (構成)、``"model"`` (重み。latent_scale を含む)、``"step"``、``"extra"`` と、
@@ -169,6 +171,11 @@ def objective_of(ckpt: dict) -> str:
     return "eps" if ckpt["kind"] == DDPM_KIND else "flow"
 
 
+def trained_part(model: nn.Module) -> nn.Module:
+    """学習で重みが変わる部分 (LatentFlow なら LatentUNet。固定した自己符号化器は除く)。"""
+    return model.unet if isinstance(model, LatentFlow) else model
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_name: str,
                     T: int, extra: dict | None = None, ema_only: bool = False,
                     optimizer: torch.optim.Optimizer | None = None,
@@ -188,11 +195,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, ema, schedule_nam
             "step": step, "ema": ema.model.state_dict(), "ema_step": ema.step,
             "extra": extra or {}, "previews": previews or {}}
     if not ema_only:
-        ckpt["model"] = model.state_dict()
-        ckpt["optimizer"] = optimizer.state_dict() if optimizer else None
-        ckpt["lr_scheduler"] = lr_scheduler.state_dict() if lr_scheduler else None
+        if optimizer is None or lr_scheduler is None or generator is None:
+            raise ValueError("再開用の保存には optimizer・lr_scheduler・generator を渡してください "
+                             "(配布用なら ema_only=True)")
+        ckpt["model"] = trained_part(model).state_dict()  # 固定した部分は ema の中の 1 回だけ
+        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["lr_scheduler"] = lr_scheduler.state_dict()
         ckpt["rng"] = torch.get_rng_state()
-        ckpt["generator"] = generator.get_state() if generator else None
+        ckpt["generator"] = generator.get_state()
         ckpt["config"] = config or {}
     atomic_save(ckpt, path)
 
@@ -227,12 +237,16 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 def restore_training(ckpt: dict, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
                      lr_scheduler, generator: torch.Generator) -> int:
     """再開用のチェックポイント (ema_only でないもの) の状態を戻し、ステップ数を返します。"""
-    if "model" not in ckpt or ckpt.get("generator") is None:
-        raise ValueError("配布用 (EMA だけ) か古い形式のチェックポイントなので再開できません")
+    if "model" not in ckpt:
+        raise ValueError("配布用 (EMA だけ) のチェックポイントなので再開できません")
     if ckpt["unet"] != model.config:
         raise ValueError(f"チェックポイントは別の構造のモデル ({ckpt['unet']}) のものです")
-    model.load_state_dict(ckpt["model"])
-    ema.model.load_state_dict(ckpt["ema"])
+    try:
+        trained_part(model).load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+    except RuntimeError as e:
+        raise ValueError(f"重みが {type(model).__name__} の構造と合いません "
+                         f"({str(e).splitlines()[0]})") from e
     ema.step = ckpt["ema_step"]
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -254,6 +268,28 @@ def command_line(module: str, argv: list[str] | None) -> str:
 
     args = sys.argv[1:] if argv is None else argv
     return shlex.join(["python", "-m", module, *args])
+
+
+def provenance(command: str, device: torch.device, bf16: bool, **settings) -> dict:
+    """学習の来歴の共通部分: コマンド、コミット、装置と計算の設定、計算機、版、終わった時刻。"""
+    import platform
+    import time
+
+    from .device import cpu_model
+
+    return {"command": command, "commit": git_commit(), "device": str(device), "bf16": bf16,
+            **settings, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "python": platform.python_version(), "torch": str(torch.__version__)}
+
+
+def write_provenance(weights: str | os.PathLike, info: dict) -> None:
+    """来歴 ``{"train": info}`` を重みの隣の .json へ (atomic に) 書きます。"""
+    import json
+
+    atomic_write_text(Path(weights).with_suffix(".json"),
+                      json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
 
 
 def git_commit() -> str | None:

@@ -130,10 +130,8 @@ def train_epoch(
 def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(description="FID/KID 用の Fashion-MNIST 分類器を学習します",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
-    p.add_argument("--download", action="store_true",
-                   help="Fashion-MNIST が無ければ torchvision でダウンロードする")
+                                formatter_class=options.HelpFormatter)
+    options.add_data_arguments(p)
     p.add_argument("--epochs", type=options.positive_int, default=10, help="エポック数")
     p.add_argument("--batch-size", type=options.positive_int, default=256, help="バッチサイズ")
     p.add_argument("--lr", type=options.positive_float, default=3e-3, help="OneCycle の最大学習率")
@@ -144,10 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=options.probability, default=0.0,
                    help="交差エントロピーのラベル平滑化")
     p.add_argument("--seed", type=int, default=1, help="シード")
-    options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 の autocast を使う")
-    p.add_argument("--channels-last", action="store_true", help="channels_last 形式で計算する")
+    options.add_device_arguments(p, channels_last=True, auto_formats=False)
     p.add_argument("--save", default=str(DEFAULT_SAVE),
                    help="state_dict の保存先 (.pt、来歴は隣の .json)")
     p.add_argument("--reference", type=options.reference_count, nargs="*", default=[1000],

@@ -70,13 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
         description="拡散モデル (DDPM かフローマッチング) の FID/KID/正解率/時間を測り、"
-        "JSON に書きます", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "JSON に書きます", formatter_class=options.HelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="拡散モデルのチェックポイント (.pt)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="結果を書き足す JSON")
-    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
-    p.add_argument("--download", action="store_true",
-                   help="Fashion-MNIST が無ければ torchvision でダウンロードする")
+    options.add_data_arguments(p)
     p.add_argument("--classifier", default=None, help="分類器の重み (既定: 同梱の重み)")
     p.add_argument("--split", choices=SPLITS, default="val",
                    help="参照画像: val (測って選ぶため) か test (reference・chosen と、"
@@ -94,10 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=[DEFAULT_SEED],
                    help="サンプラーのシード (複数なら各シードで測る。FID のばらつきを見る"
                    f"ため。選ぶのは {DEFAULT_SEED} の結果)")
-    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
-    options.add_device_argument(p)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
+    options.add_device_arguments(p)
     return p
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .autoencoder import Autoencoder
 from .conditioning import CrossAttention, TokenEncoder
-from .unet import ResBlock, timestep_embedding
+from .unet import ResBlock, timestep_embedding, up_path
 
 
 class LatentUNet(nn.Module):
@@ -48,29 +48,17 @@ class LatentUNet(nn.Module):
 
         self.down, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), \
             nn.ModuleList()
-        skip_ch, c_prev = [], c0
+        c_prev = c0
         for i, c in enumerate(channels):
             self.down.append(ResBlock(c_prev, c, emb_dim, groups))
             self.down_attn.append(attn(c))
-            skip_ch.append(c)
             c_prev = c
             self.downsample.append(nn.Identity() if i == len(channels) - 1
                                    else nn.Conv2d(c, c, 3, stride=2, padding=1))
         self.mid = ResBlock(c_prev, c_prev, emb_dim, groups)
         self.mid_attn = attn(c_prev)
-        self.up, self.up_attn, self.upsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for i, c in reversed(list(enumerate(channels))):
-            self.up.append(ResBlock(c_prev + skip_ch[i], c, emb_dim, groups))
-            self.up_attn.append(attn(c))
-            self.upsample.append(
-                nn.Identity() if i == 0
-                else nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                   nn.Conv2d(c, channels[i - 1], 3, padding=1)))
-            c_prev = channels[i - 1] if i > 0 else c
-        self.norm_out = nn.GroupNorm(groups, c0)
-        self.conv_out = nn.Conv2d(c0, in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.up, self.up_attn, self.upsample, self.norm_out, self.conv_out = up_path(
+            channels, emb_dim, in_channels, groups, attn=attn)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,12 +16,9 @@ if not __package__:  # ファイルを直接実行した: 下の相対 import �
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from . import options
 from .checkpoint import (
@@ -29,11 +26,10 @@ from .checkpoint import (
     atomic_save,
     atomic_write_text,
     command_line,
-    git_commit,
     load_checkpoint,
+    provenance,
     read_diffusion,
 )
-from .device import cpu_model, fast_formats, get_device
 from .reflow import PAIRS_KIND, reflow_pairs
 from .sampling import DEFAULT_FLOW_METHOD, DEFAULT_GUIDANCE, FLOW_METHODS
 
@@ -42,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
         description="フローマッチングのモデルの ODE でノイズと画像を組にし、リフロー用に保存します",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=options.HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="フローマッチングのモデルのチェックポイント (.pt)")
     p.add_argument("--out", required=True, help="組を書くファイル (.pt。来歴は隣の .json)")
@@ -55,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="ノイズとクラスのシード")
     p.add_argument("--batch-size", type=options.positive_int, default=250,
                    help="一度に解く組の数")
-    options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
+    options.add_device_arguments(p)
     p.add_argument("--force", action="store_true", help="--out のファイルがあっても上書きする")
     return p
 
@@ -86,10 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = command_line(__spec__.name if __spec__ else __name__, argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or get_device()
-    bf16, _ = fast_formats(device, args.bf16)
+    device, bf16, _ = options.setup_device(args)
     try:
         model, _, _ = load_checkpoint(args.checkpoint, device)
     except ValueError as e:
@@ -98,14 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
     noise, data, y = reflow_pairs(model, args.n, args.steps, args.method, args.seed,
                                   guidance_scale=args.guidance, batch_size=args.batch_size,
                                   device=device, bf16=bf16, progress=sys.stderr.isatty())
-    info = {"command": command, "commit": git_commit(), "checkpoint": str(args.checkpoint),
-            "n": args.n, "steps": args.steps, "method": args.method, "guidance": args.guidance,
-            "seed": args.seed, "device": str(device), "bf16": bf16,
-            "threads": torch.get_num_threads(), "wall_seconds": time.time() - t0,
-            "cpu_seconds": time.process_time() - c0,
-            "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "python": platform.python_version(), "torch": str(torch.__version__)}
+    info = provenance(command, device, bf16, checkpoint=str(args.checkpoint), n=args.n,
+                      steps=args.steps, method=args.method, guidance=args.guidance,
+                      seed=args.seed, wall_seconds=time.time() - t0,
+                      cpu_seconds=time.process_time() - c0)
     try:
         atomic_save({"kind": PAIRS_KIND, "noise": noise, "data": data, "y": y, "info": info},
                     args.out)

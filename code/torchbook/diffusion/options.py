@@ -2,6 +2,8 @@
 
 argparse の ``type=`` に渡す関数は、受け付けない値に ``ArgumentTypeError`` を出します。
 argparse はそれを ``error: argument --steps: ...`` の 1 行にして終了コード 2 で止めます。
+CLI どうしで同じ引数 (``add_*_arguments``)、同じ確認 (``check_*``)、装置の準備
+(``setup_device``) と学習画像の読み込み (``train_images``) もここに 1 つずつ置きます。
 """
 
 from __future__ import annotations
@@ -13,7 +15,27 @@ from pathlib import Path
 
 import torch
 
-from .device import get_device
+from .data import load_tensors
+from .device import fast_formats, get_device
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help に既定値を示します (argparse の ArgumentDefaultsHelpFormatter と同じ)。ただし:
+
+    - 既定が None の引数には「(default: None)」を足しません。None の意味 (「使える中で
+      最も速いもの」など) は説明に「既定: …」として書きます。
+    - 並びの既定値はコマンドラインに書く形 (空白区切り) で示します (「['a', 'b']」ではなく)。
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or "%(default)" in text
+                or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
 def positive_int(text: str) -> int:
@@ -81,6 +103,14 @@ def channel_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def channel_count(text: str) -> int:
+    """1 つのチャンネル数 (8 の倍数: GroupNorm の 8 グループで割るため)。"""
+    values = channel_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"1 つの数にしてください (受け取ったのは {text!r})")
+    return values[0]
+
+
 def patch_size(text: str) -> int:
     """UNet の patch_size (1, 2, 4: 32×32 の画像を割り切り、縮めた後も 2 回半分にできる値)。"""
     value = positive_int(text)
@@ -97,10 +127,111 @@ def device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """--device を足します (省くと cuda → mps → cpu の順に使えるもの)。"""
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-root と --download を足します (Fashion-MNIST を読む CLI で共通)。"""
+    parser.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
+    parser.add_argument("--download", action="store_true",
+                        help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, channels_last: bool = False,
+                         auto_formats: bool = True) -> None:
+    """--device、--threads、--bf16 (channels_last=True なら --channels-last も) を足します。
+
+    --device を省くと cuda → mps → cpu の順に使えるもの。auto_formats=True なら、--bf16 と
+    --channels-last を省いたときは ``device.fast_formats`` が装置に合わせて決めます (値は None)。
+    False なら省くと使いません (分類器: 配布した重みを学習したときと同じ計算にするため)。
+    """
     parser.add_argument("--device", type=device, default=None,
                         help="cpu, cuda, cuda:1, mps など (既定: 使える中で最も速いもの)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU のスレッド数 (既定: PyTorch が決める数)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                        default=None if auto_formats else False,
+                        help="bf16 autocast" + (" (既定: 装置が bf16 を速く計算できるときだけ使う)"
+                                                if auto_formats else ""))
+    if channels_last:
+        parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                            default=None if auto_formats else False,
+                            help="channels_last メモリ形式"
+                            + (" (既定: CPU と CUDA で使う)" if auto_formats else ""))
+
+
+def setup_device(args: argparse.Namespace) -> tuple[torch.device, bool, bool]:
+    """--threads を設定し、--device・--bf16・--channels-last から (装置, bf16, channels_last)
+    を決めます (省いた項目は ``get_device`` と ``fast_formats`` が選びます)。"""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or get_device()
+    return (device, *fast_formats(device, args.bf16, getattr(args, "channels_last", None)))
+
+
+def train_images(args: argparse.Namespace, fake: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """学習画像 ([-1, 1]、N×1×32×32) とラベルを読みます (学習の CLI の --data-root・--download)。
+
+    --dry-run ならデータを読まず、fake 枚の乱数の画像と乱数のラベルを返します。
+    データが無い・壊れているときは、直し方を 1 行で示して止めます (トレースバックなし)。
+    """
+    if args.dry_run:
+        return torch.rand(fake, 1, 32, 32) * 2 - 1, torch.randint(0, 10, (fake,))
+    try:
+        return load_tensors(args.data_root, train=True, download=args.download)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, export_help: str) -> None:
+    """学習の CLI に共通の、保存・再開・打ち切りの引数を足します (export_help: --export の説明)。"""
+    parser.add_argument("--save-every", type=positive_int, default=500,
+                        help="何ステップごとに out/last.pt を保存するか")
+    parser.add_argument("--log-every", type=positive_int, default=100,
+                        help="何ステップごとに損失を記録するか")
+    parser.add_argument("--max-minutes", type=positive_float, default=None,
+                        help="この時間で学習を打ち切る (既定: 打ち切らない)")
+    parser.add_argument("--resume", action="store_true",
+                        help="out/last.pt から再開する (学習の形を決める設定は保存したものと"
+                        "同じに)")
+    parser.add_argument("--force", action="store_true",
+                        help="out/last.pt や --export のファイルがあっても上書きする")
+    parser.add_argument("--export", default=None,
+                        help=f"{export_help} (既定: 書き出さない)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="学習画像の枚数を制限する (試し用。既定: すべて)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+
+
+def check_run_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path | None:
+    """学習の CLI の --out・--resume・--force を作業の前に確かめ、out/last.pt を返します。
+
+    前の学習 (out/last.pt) を黙って消しません: 続けるなら --resume、捨てるなら --force。
+    --dry-run は何も書かないので、組み合わせだけ確かめて None を返します。
+    """
+    if args.resume and args.force:
+        parser.error("--resume と --force は同時に使えません "
+                     "(続きから学習するか、最初からやり直すか)")
+    if args.dry_run:
+        if args.resume:
+            parser.error("--dry-run は何も読み書きしない試しなので、--resume と一緒に使えません")
+        return None
+    last = check_folder(parser, args.out, "--out") / "last.pt"
+    if args.resume and not last.is_file():
+        parser.error(f"--resume: {last} がないので再開できません "
+                     "(--resume を外すと最初から学習します)")
+    if last.is_file() and not (args.resume or args.force):
+        parser.error(f"{last} に前の学習があります。続けるなら --resume、"
+                     "捨てて最初からやり直すなら --force を付けるか、別の --out を指定してください")
+    return last
+
+
+def check_export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--export の .pt と隣の .json を作業の前に確かめます (--force なしでは上書きしない)。"""
+    if not args.export or args.dry_run:
+        return
+    export = check_output(parser, args.export, "--export", (".pt",))
+    for f in (export, export.with_suffix(".json")):
+        if f.exists() and not args.force:
+            parser.error(f"--export: {f} がすでにあります。上書きするなら --force を付けてください")
 
 
 def check_output(parser: argparse.ArgumentParser, path: str | os.PathLike, option: str,

@@ -34,7 +34,6 @@ from .checkpoint import (
     objective_of,
     read_diffusion,
 )
-from .device import fast_formats, get_device
 from .sampling import (
     DEFAULT_ETA,
     DEFAULT_FLOW_METHOD,
@@ -54,7 +53,7 @@ from .unet import UNet
 def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(description="学習済みの拡散モデルで画像を生成して PNG に並べます",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=options.HelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="拡散モデルのチェックポイント (.pt)")
     p.add_argument("--out", default="samples.png", help="書き出す画像 (.png / .jpg)")
@@ -70,15 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", default=DEFAULT_SPACING, choices=["trailing", "leading"],
                    help="DDIM と DPM-Solver++ の時刻の選び方")
     p.add_argument("--class", dest="label", type=int, default=None,
-                   help="このクラス (0〜9) だけを生成")
+                   help="このクラス (0〜9) だけを生成 (既定: クラスなしで生成)")
     p.add_argument("--class-grid", action="store_true", help="各行が 1 クラスの 10 行の格子")
     p.add_argument("--guidance", type=options.nonneg_float, default=DEFAULT_GUIDANCE,
                    help="CFG の強さ s (0 = クラスなし)")
     p.add_argument("--seed", type=int, default=0, help="シード (同じなら同じ画像)")
-    options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
+    options.add_device_arguments(p)
     p.add_argument("--dry-run", action="store_true",
                    help="乱数の重みの小さなモデルで 2 ステップだけ")
     return p
@@ -116,10 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> torch.Tensor:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or get_device()
-    bf16, channels_last = fast_formats(device, args.bf16)
+    device, bf16, channels_last = options.setup_device(args)
     if args.dry_run:  # 学習済みの重みなしで、CLI の流れだけを選んだ装置で確かめる
         objective = "flow" if args.method in FLOW_METHODS else "eps"
         model = UNet(channels=(16, 32), objective=objective).to(device).eval()

@@ -35,9 +35,7 @@ if not __package__:  # ファイルを直接実行した: 下の相対 import �
     import direct_run  # noqa: F401
 
 import argparse
-import json
 import math
-import platform
 import signal
 import sys
 import threading
@@ -53,18 +51,16 @@ from .algorithms import ddpm_train_step, flow_train_step
 from .autoencoder import encode_all
 from .checkpoint import (
     KINDS,
-    atomic_write_text,
     command_line,
-    git_commit,
     load_autoencoder,
     load_checkpoint,
+    provenance,
     read_autoencoder,
     read_diffusion,
     restore_training,
     save_checkpoint,
+    write_provenance,
 )
-from .data import load_tensors
-from .device import cpu_model, fast_formats, get_device
 from .latent import LatentFlow, LatentUNet
 from .reflow import read_pairs
 from .sampling import sample
@@ -171,10 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Fashion-MNIST で DDPM (ε 予測) かフローマッチングのモデル (v 予測) を"
                     "クラス条件付きで学習します",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
-    p.add_argument("--download", action="store_true",
-                   help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
+        formatter_class=options.HelpFormatter)
+    options.add_data_arguments(p)
     p.add_argument("--out", default="runs/ddpm", help="チェックポイント last.pt を書くフォルダー")
     p.add_argument("--steps", type=options.positive_int, default=20000, help="学習ステップ数")
     p.add_argument("--batch-size", type=options.positive_int, default=128, help="バッチサイズ")
@@ -192,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eps: DDPM (ε 予測。既定)、flow: フローマッチング (速度 v 予測。"
                    "--latent では flow だけ)")
     p.add_argument("--latent", default=None, metavar="AUTOENCODER.pt",
-                   help="この自己符号化器の潜在空間でフローマッチングのモデルを学習する (潜在拡散)")
+                   help="この自己符号化器の潜在空間でフローマッチングのモデルを学習する "
+                   "(潜在拡散。既定: 画素の空間で学習する)")
     p.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit-normal"],
                    help="フローマッチングで t をどう選ぶか (--objective eps では使いません)")
     p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"],
@@ -203,36 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=options.patch_size, default=2,
                    help="UNet が最初に画像を分ける小区画の一辺 (1, 2, 4。--latent では使いません)")
     p.add_argument("--seed", type=int, default=0, help="シード")
-    options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None,
-                   help="CPU のスレッド数")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ使う)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last メモリ形式 (既定: CPU と CUDA で使う)")
-    p.add_argument("--save-every", type=options.positive_int, default=500,
-                   help="何ステップごとに保存するか")
-    p.add_argument("--log-every", type=options.positive_int, default=100,
-                   help="何ステップごとに損失を記録するか")
-    p.add_argument("--max-minutes", type=options.positive_float, default=None,
-                   help="この時間で学習を打ち切る")
-    p.add_argument("--resume", action="store_true",
-                   help="out/last.pt から再開する (学習の形を決める設定は保存したものと同じに)")
+    options.add_device_arguments(p, channels_last=True)
+    options.add_run_arguments(
+        p, export_help="最後に EMA の重みだけをここ (.pt) へ、来歴を隣の .json へ保存する")
     p.add_argument("--extend", action="store_true",
                    help="--resume で、保存した学習より大きい --steps まで延ばす (学習率の"
                    "コサインは新しい --steps に合わせて描き直す)")
-    p.add_argument("--force", action="store_true",
-                   help="out/last.pt や --export のファイルがあっても上書きする")
-    p.add_argument("--export", default=None,
-                   help="最後に EMA の重みだけをここ (.pt) へ、来歴を隣の .json へ保存する")
-    p.add_argument("--limit", type=options.positive_int, default=None,
-                   help="学習画像の枚数を制限する (試し用)")
     p.add_argument("--init", default=None, metavar="FLOW.pt",
-                   help="このフローマッチングのモデルの (EMA の) 重みから学習を始める (リフロー)")
+                   help="このフローマッチングのモデルの (EMA の) 重みから学習を始める (リフロー。"
+                   "既定: 乱数の重みから)")
     p.add_argument("--pairs", default=None, metavar="PAIRS.pt",
-                   help="make_pairs CLI の組 (ノイズ, 画像) で学習する (--objective flow だけ)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+                   help="make_pairs CLI の組 (ノイズ, 画像) で学習する (--objective flow だけ。"
+                   "既定: Fashion-MNIST の画像と乱数のノイズ)")
     return p
 
 
@@ -255,35 +232,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.objective = args.objective or "eps"
     if args.channels is None:
         args.channels = (32, 64) if args.latent else (32, 64, 128)
-    if args.resume and args.force:
-        p.error("--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)")
-    if args.dry_run:
-        return args
-    out = options.check_folder(p, args.out, "--out")
-    last = out / "last.pt"
     if args.extend and not args.resume:
         p.error("--extend は --resume と一緒に使います (保存した学習を延ばすためのものです)")
-    if args.resume and not last.is_file():
-        p.error(f"--resume: {last} がないので再開できません (--resume を外すと最初から学習します)")
-    args.resume_from = check_resume(p, args, last) if args.resume else None
-    if last.is_file() and not (args.resume or args.force):
-        p.error(f"{last} に前の学習があります。続けるなら --resume、"
-                "捨てて最初からやり直すなら --force を付けるか、別の --out を指定してください")
-    if args.export:
-        export = options.check_output(p, args.export, "--export", (".pt",))
-        for f in (export, export.with_suffix(".json")):
-            if f.exists() and not args.force:
-                p.error(f"--export: {f} がすでにあります。上書きするなら --force を付けてください")
+    last = options.check_run_folder(p, args)
+    args.resume_from = check_resume(p, args, last) if args.resume and last else None
+    options.check_export(p, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = command_line(__spec__.name if __spec__ else __name__, argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or get_device()
-    bf16, channels_last = fast_formats(device, args.bf16, args.channels_last)
+    device, bf16, channels_last = options.setup_device(args)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -292,15 +252,10 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = read_pairs(args.pairs)
         x_all, noise_all = pairs["data"], pairs["noise"]
         y_all = pairs["y"] if pairs["y"] is not None else torch.full((len(x_all),), 10)
+    else:
+        x_all, y_all = options.train_images(args, fake=256)
     if args.dry_run:
-        x_all = torch.rand(256, 1, 32, 32) * 2 - 1 if noise_all is None else x_all
-        y_all = torch.randint(0, 10, (256,)) if noise_all is None else y_all
         args.steps = min(args.steps, 2)
-    elif noise_all is None:
-        try:
-            x_all, y_all = load_tensors(args.data_root, train=True, download=args.download)
-        except (OSError, ValueError) as e:  # データが無い・壊れている: 直し方を 1 行で
-            raise SystemExit(str(e)) from None
     if args.limit:
         x_all, y_all = x_all[: args.limit], y_all[: args.limit]
         noise_all = noise_all[: args.limit] if noise_all is not None else None
@@ -332,11 +287,14 @@ def main(argv: list[str] | None = None) -> dict:
     step, history, elapsed_before, cpu_before, previews = 0, [], 0.0, 0.0, {}
     if args.resume:
         ckpt = args.resume_from
-        step = restore_training(ckpt, model, ema, opt, lr_sched, gen)
-        history = ckpt["extra"].get("history", [])
-        elapsed_before = ckpt["extra"].get("wall_seconds", 0.0)
-        cpu_before = ckpt["extra"].get("cpu_seconds", 0.0) - encode_seconds
-        previews = ckpt.get("previews", {})
+        try:
+            step = restore_training(ckpt, model, ema, opt, lr_sched, gen)
+        except ValueError as e:  # 作業の前 (データを読んだだけ) に 1 行で止める
+            raise SystemExit(f"--resume: {last}: {e}") from None
+        history = ckpt["extra"]["history"]
+        elapsed_before = ckpt["extra"]["wall_seconds"]
+        cpu_before = ckpt["extra"]["cpu_seconds"] - encode_seconds
+        previews = ckpt["previews"]
         print(f"{last} のステップ {step} から再開します")
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -434,13 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary.update(step=step, stopped_early=stopped_early,
                    final_loss=history[-1][1] if history else loss_value)
     if args.export and not args.dry_run:
-        info = {"command": command, "commit": git_commit(), "device": str(device),
-                "bf16": bf16, "channels_last": channels_last,
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "python": platform.python_version(), "torch": str(torch.__version__),
-                **summary}
+        info = {**provenance(command, device, bf16, channels_last=channels_last), **summary}
         if args.latent:  # 自己符号化器の学習の記録も添える (合計の学習時間を出すため)
             ae_extra = read_autoencoder(args.latent)["extra"]
             info["autoencoder"] = {"path": str(args.latent), **{
@@ -449,8 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             save_checkpoint(args.export, model, ema, schedule_name, args.T, info,
                             ema_only=True, step=step, objective=args.objective, previews=previews)
-            atomic_write_text(Path(args.export).with_suffix(".json"),
-                              json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+            write_provenance(args.export, info)
         except OSError as e:  # last.pt は保存済みなので、--export だけやり直せばよい
             raise SystemExit(str(e)) from None
         print(f"EMA の重みを {args.export} に書きました")

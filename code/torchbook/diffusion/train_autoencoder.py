@@ -18,9 +18,7 @@ if not __package__:  # ファイルを直接実行した: 下の相対 import �
     import direct_run  # noqa: F401
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,14 +35,13 @@ from .autoencoder import (
     vae_loss,
 )
 from .checkpoint import (
-    atomic_write_text,
     command_line,
-    git_commit,
+    provenance,
     read_autoencoder,
     save_autoencoder,
+    write_provenance,
 )
-from .data import load_tensors
-from .device import cpu_model, fast_formats, get_device
+from .training import lr_lambda
 
 SPLIT_SEED = 0  # 学習用と検証用に分ける並べ替えのシード
 
@@ -58,16 +55,14 @@ def split_train_val(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def build_parser() -> argparse.ArgumentParser:
     """この CLI の引数 (値の確認は ``parse_args`` が作業の前に行います)。"""
     p = argparse.ArgumentParser(
-        description="潜在拡散のための KL 正則化つき自己符号化器 (VAE) を"
+        description="潜在拡散のための KL 正則化つき自己符号化器 (VAE) を "
                     "Fashion-MNIST で学習します",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-root", default="data", help="Fashion-MNIST のあるフォルダー")
-    p.add_argument("--download", action="store_true",
-                   help="Fashion-MNIST が無ければ torchvision でダウンロードする (約 30 MB)")
+        formatter_class=options.HelpFormatter)
+    options.add_data_arguments(p)
     p.add_argument("--out", default="runs/autoencoder", help="last.pt を書くフォルダー")
     p.add_argument("--latent-channels", type=options.positive_int, default=4,
                    help="潜在変数 (8×8) のチャンネル数")
-    p.add_argument("--width", type=options.channel_list, default=(32,),
+    p.add_argument("--width", type=options.channel_count, default=32,
                    help="畳み込みのチャンネル数の基準 (8 の倍数)")
     p.add_argument("--beta", type=options.nonneg_float, default=1e-3,
                    help="KL の重み β (損失 = ‖x - x̂‖² + β·KL)")
@@ -78,70 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=options.positive_int, default=5000,
                    help="学習に使わず再構成誤差を測る画像の枚数")
     p.add_argument("--seed", type=int, default=0, help="シード")
-    options.add_device_argument(p)
-    p.add_argument("--threads", type=options.positive_int, default=None, help="CPU のスレッド数")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (既定: 装置が bf16 を速く計算できるときだけ)")
-    p.add_argument("--save-every", type=options.positive_int, default=500,
-                   help="何ステップごとに last.pt を保存するか")
-    p.add_argument("--log-every", type=options.positive_int, default=100,
-                   help="何ステップごとに損失を記録するか")
-    p.add_argument("--max-minutes", type=options.positive_float, default=None,
-                   help="この時間で学習を打ち切る")
-    p.add_argument("--resume", action="store_true", help="out/last.pt から再開する")
-    p.add_argument("--force", action="store_true",
-                   help="out/last.pt や --export のファイルがあっても上書きする")
-    p.add_argument("--export", default=None,
-                   help="最後に配布用の重みをここ (.pt) へ、来歴を隣の .json へ保存する")
-    p.add_argument("--limit", type=options.positive_int, default=None,
-                   help="学習画像の枚数を制限する (試し用)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="データを読まず何も保存せず、乱数の画像で 2 ステップだけ動かす")
+    options.add_device_arguments(p)
+    options.add_run_arguments(
+        p, export_help="最後に配布用の重みをここ (.pt) へ、来歴を隣の .json へ保存する")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if len(args.width) != 1:
-        p.error(f"--width は 1 つの数にしてください (受け取ったのは {args.width})")
-    args.width = args.width[0]
-    if args.resume and args.force:
-        p.error("--resume と --force は同時に使えません (続きから学習するか、最初からやり直すか)")
-    if args.dry_run:
-        return args
-    out = options.check_folder(p, args.out, "--out")
-    last = out / "last.pt"
-    if args.resume and not last.is_file():
-        p.error(f"--resume: {last} がないので再開できません (--resume を外すと最初から学習します)")
-    if last.is_file() and not (args.resume or args.force):
-        p.error(f"{last} に前の学習があります。続けるなら --resume、"
-                "捨てて最初からやり直すなら --force を付けるか、別の --out を指定してください")
-    if args.export:
-        export = options.check_output(p, args.export, "--export", (".pt",))
-        for f in (export, export.with_suffix(".json")):
-            if f.exists() and not args.force:
-                p.error(f"--export: {f} がすでにあります。上書きするなら --force を付けてください")
+    options.check_run_folder(p, args)
+    options.check_export(p, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = command_line(__spec__.name if __spec__ else __name__, argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or get_device()
-    bf16, _ = fast_formats(device, args.bf16)
+    device, bf16, _ = options.setup_device(args)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
+    x_all, _ = options.train_images(args, fake=64)
     if args.dry_run:
-        x_all = torch.rand(64, 1, 32, 32) * 2 - 1
         args.steps, args.val_size = min(args.steps, 2), 16
-    else:
-        try:
-            x_all, _ = load_tensors(args.data_root, train=True, download=args.download)
-        except (OSError, ValueError) as e:  # データが無い・壊れている: 直し方を 1 行で
-            raise SystemExit(str(e)) from None
     if args.val_size >= len(x_all):
         raise SystemExit(f"--val-size {args.val_size} は画像の枚数 {len(x_all)} より小さくして"
                          "ください")
@@ -167,20 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_rng_state(ckpt["rng"])
         gen.set_state(ckpt["generator"])
         step = ckpt["step"]
-        history = ckpt["extra"].get("history", [])
-        wall_before = ckpt["extra"].get("wall_seconds", 0.0)
-        cpu_before = ckpt["extra"].get("cpu_seconds", 0.0)
+        history = ckpt["extra"]["history"]
+        wall_before = ckpt["extra"]["wall_seconds"]
+        cpu_before = ckpt["extra"]["cpu_seconds"]
         print(f"{last} のステップ {step} から再開します")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Autoencoder latent {model.latent_shape}: {n_params:,} パラメーター, device={device}, "
           f"bf16={bf16}, threads={torch.get_num_threads()}")
     t_start, cpu_start = time.time(), time.process_time()
-
-    def lr_at(s: int) -> float:  # 5% の線形ウォームアップの後、コサインで 0.05 倍まで
-        warm = max(1, args.steps // 20)
-        if s < warm:
-            return (s + 1) / warm
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm)))
 
     def extra() -> dict:
         return {"history": history, "wall_seconds": wall_before + time.time() - t_start,
@@ -193,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.dry_run:
             save_autoencoder(last, model, step, extra(), opt, gen)
 
+    warmup = max(1, args.steps // 20)  # 5% の線形ウォームアップの後、コサインで 0.05 倍まで
     model.train()
     sums = torch.zeros(3)
     count = 0
@@ -201,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         while step < args.steps:
             for g in opt.param_groups:
-                g["lr"] = args.lr * lr_at(step)
+                g["lr"] = args.lr * lr_lambda(step, warmup, args.steps)
             x = x_train[torch.randint(0, len(x_train), (args.batch_size,), generator=gen)]
             x = x.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -249,14 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"完了: ステップ {step}, 検証の再構成誤差 (1 画素の二乗誤差) {val_mse:.5f}, "
           f"KL {val_kl:.1f}, latent_scale {scale:.4f}")
     if args.export and not args.dry_run:
-        info = {"command": command, "commit": git_commit(), "device": str(device), "bf16": bf16,
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-                "python": platform.python_version(), "torch": str(torch.__version__),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **summary}
+        info = {**provenance(command, device, bf16), **summary}
         save_autoencoder(args.export, model, step, info, export=True)
-        atomic_write_text(Path(args.export).with_suffix(".json"),
-                          json.dumps({"train": info}, ensure_ascii=False, indent=1) + "\n")
+        write_provenance(args.export, info)
         print(f"重みを {args.export} に書きました")
     return summary
 

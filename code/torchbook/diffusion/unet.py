@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,34 @@ class ResBlock(nn.Module):
         h = h + self.emb(emb)[:, :, None, None]  # チャンネルごとのバイアスとして足す
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
+
+
+def up_path(channels: tuple[int, ...], emb_dim: int, out_channels: int, groups: int = 8,
+            dropout: float = 0.0, attn: Callable[[int], nn.Module] | None = None
+            ) -> tuple[nn.ModuleList, nn.ModuleList | None, nn.ModuleList, nn.GroupNorm, nn.Conv2d]:
+    """UNet の上りの道と出力の層を作ります (``UNet`` と ``latent.LatentUNet`` が使います)。
+
+    解像度ごとに、スキップ接続を連結した分だけ入力の多い ResBlock、``attn`` があればその層、
+    2 倍の拡大 (いちばん上は ``nn.Identity``) を作ります。最後に GroupNorm と、0 で初期化した
+    出力の畳み込みを作ります。戻り値 (up, up_attn, upsample, norm_out, conv_out) は呼ぶ側が
+    同じ名前の属性にします (チェックポイントのキー名になります)。attn がなければ up_attn は None。
+    """
+    up, up_attn, upsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+    c_prev = channels[-1]  # 中央のブロックの出力
+    for i, c in reversed(list(enumerate(channels))):
+        up.append(ResBlock(c_prev + c, c, emb_dim, groups, dropout))  # 下りの同じ解像度と連結
+        if attn is not None:
+            up_attn.append(attn(c))
+        upsample.append(
+            nn.Identity() if i == 0
+            else nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                               nn.Conv2d(c, channels[i - 1], 3, padding=1)))
+        c_prev = channels[i - 1] if i > 0 else c
+    norm_out = nn.GroupNorm(groups, channels[0])
+    conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
+    nn.init.zeros_(conv_out.weight)  # 学習開始時の予測は 0
+    nn.init.zeros_(conv_out.bias)
+    return up, (up_attn if attn is not None else None), upsample, norm_out, conv_out
 
 
 class UNet(nn.Module):
@@ -86,31 +115,16 @@ class UNet(nn.Module):
 
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
-        skip_ch = []
         c_prev = c0
         for i, c in enumerate(channels):
             self.down.append(ResBlock(c_prev, c, emb_dim, groups, dropout))
-            skip_ch.append(c)
             c_prev = c
             last = i == len(channels) - 1
             self.downsample.append(
                 nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1))
         self.mid = ResBlock(c_prev, c_prev, emb_dim, groups, dropout)
-        self.up = nn.ModuleList()
-        self.upsample = nn.ModuleList()
-        for i, c in reversed(list(enumerate(channels))):
-            self.up.append(ResBlock(c_prev + skip_ch[i], c, emb_dim, groups, dropout))
-            c_prev = c
-            self.upsample.append(
-                nn.Identity() if i == 0
-                else nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                   nn.Conv2d(c, channels[i - 1], 3, padding=1)))
-            if i > 0:
-                c_prev = channels[i - 1]
-        self.norm_out = nn.GroupNorm(groups, c0)
-        self.conv_out = nn.Conv2d(c0, c_io, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.up, _, self.upsample, self.norm_out, self.conv_out = up_path(
+            channels, emb_dim, c_io, groups, dropout)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
