@@ -107,3 +107,19 @@ def test_seconds_per_image_runs_the_sampler_with_the_decoder():
     assert seconds > 0
     # 準備の 1 枚と、数える 2 回の 3 枚: デコーダーが画像の大きさで通った
     assert calls == [(1, 1, 32, 32), (3, 1, 32, 32), (3, 1, 32, 32)]
+
+
+def test_shipped_sweep_matches_its_provenance():
+    """book/assets/ae_sweep/ の重みは、隣の JSON に書いた CLI の学習の結果です。"""
+    from torchbook.diffusion.checkpoint import load_autoencoder
+
+    runs = lc.sweep_runs()
+    assert {(r["latent_shape"][0], r["beta"]) for r in runs} >= {
+        (2, 0.01), (4, 0.01), (8, 0.01), (4, 0.001), (4, 0.1), (4, 1.0)}
+    for r in runs:
+        model, ckpt = load_autoencoder(r["path"])
+        assert model.latent_shape == r["latent_shape"]
+        assert ckpt["step"] == r["step"]
+        assert "torchbook.diffusion.train_autoencoder" in r["command"]
+        assert f"--steps {r['step']}" in r["command"]
+        assert f"--beta {r['beta']:g}" in r["command"]
