@@ -28,7 +28,8 @@ from torchbook.diffusion import (
 
 LIBRARY = {"schedule", "unet", "sampling", "checkpoint", "data", "metrics", "device", "options",
            "toy", "losses", "algorithms", "training", "evaluation", "direct_run",
-           "fashion_classifier", "autoencoder", "conditioning", "latent", "reflow"}
+           "fashion_classifier", "autoencoder", "conditioning", "latent", "reflow",
+           "distill"}
 CLIS = {"train", "sample", "evaluate", "classifier", "train_autoencoder", "make_pairs"}
 
 

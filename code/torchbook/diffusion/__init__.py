@@ -5,6 +5,7 @@
 ``sampling`` (DDPM・DDIM・DPM-Solver++・フローの ODE・ガイダンスと既定値)、
 ``losses`` (ε 予測とフローマッチングの損失)、``training`` (EMA と学習率のスケジュール)、
 ``toy`` (2 次元の例)、``reflow`` (リフロー: ODE で作る組と直線性)、
+``distill`` (段階的蒸留: 教師の 2 ステップを生徒の 1 ステップに)、
 ``autoencoder`` (潜在拡散の自己符号化器 VAE)、``conditioning`` (クラス名へのクロスアテンション)、
 ``latent`` (潜在空間の UNet とフローのモデル)、
 ``checkpoint`` (ファイル形式と読み書き)、``data`` (Fashion-MNIST)、``metrics`` (FID・KID)、
