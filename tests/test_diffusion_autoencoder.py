@@ -100,3 +100,59 @@ def test_round_trip_does_not_depend_on_latent_scale():
     z = model.encode(x)
     assert scale != 1.0 and math.isclose(z.std().item(), 1.0, rel_tol=1e-3)
     torch.testing.assert_close(model.decode(z), round_trip, atol=1e-5, rtol=0)
+
+
+# --- 学習の CLI (train_autoencoder): 再開の約束は train と同じ -----------------------------
+
+def _ae_common(out) -> list[str]:
+    from diffusion_fixtures import fashion_root
+
+    return ["--data-root", str(fashion_root()), "--out", str(out), "--threads", "1",
+            "--limit", "64", "--val-size", "32", "--batch-size", "8", "--width", "8",
+            "--latent-channels", "2", "--device", "cpu", "--no-bf16", "--save-every", "100"]
+
+
+def test_autoencoder_resume_refuses_changed_settings_in_one_line(tmp_path, capsys):
+    from torchbook.diffusion import train_autoencoder
+
+    common = _ae_common(tmp_path)
+    train_autoencoder.main([*common, "--steps", "2"])
+    capsys.readouterr()
+    for change, flag in [(["--lr", "1e-3"], "--lr"), (["--batch-size", "4"], "--batch-size"),
+                         (["--steps", "4"], "--steps"), (["--beta", "0.1"], "--beta")]:
+        with pytest.raises(SystemExit) as e:
+            train_autoencoder.parse_args([*common, "--steps", "2", "--resume", *change])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"{flag} " in err and "(保存)" in err, err
+
+
+def test_autoencoder_ctrl_c_resumes_equal_to_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                   capsys):
+    """ステップ 3 の途中の Ctrl-C: 3 を終えて保存し、再開すると止めなかった学習と同じ重み。"""
+    import signal
+
+    from torchbook.diffusion import train_autoencoder
+    from torchbook.diffusion.checkpoint import read_autoencoder
+
+    calls = {"n": 0}
+    real = train_autoencoder.vae_loss
+
+    def loss_with_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    common = _ae_common(tmp_path / "a")
+    with monkeypatch.context() as m:
+        m.setattr(train_autoencoder, "vae_loss", loss_with_ctrl_c)
+        with pytest.raises(SystemExit) as e:
+            train_autoencoder.main([*common, "--steps", "5"])
+    assert e.value.code == 130 and "--resume" in capsys.readouterr().out
+    assert read_autoencoder(tmp_path / "a" / "last.pt")["step"] == 3
+    train_autoencoder.main([*common, "--steps", "5", "--resume"])
+    train_autoencoder.main([*_ae_common(tmp_path / "b"), "--steps", "5"])
+    a = read_autoencoder(tmp_path / "a" / "last.pt")["model"]
+    b = read_autoencoder(tmp_path / "b" / "last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

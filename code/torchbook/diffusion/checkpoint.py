@@ -142,11 +142,16 @@ def read_autoencoder(path: str | os.PathLike) -> dict:
 
 def save_autoencoder(path: str | os.PathLike, model: Autoencoder, step: int = 0,
                      extra: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                     generator: torch.Generator | None = None, export: bool = False) -> None:
-    """自己符号化器を保存します。export=True なら再開用の状態を除いた配布用です。"""
+                     generator: torch.Generator | None = None, export: bool = False,
+                     config: dict | None = None) -> None:
+    """自己符号化器を保存します。export=True なら再開用の状態を除いた配布用です。
+
+    再開用には、学習の形を決める設定 config (--resume のときに比べる) も入れます。
+    """
     ckpt = {"kind": AUTOENCODER_KIND, "autoencoder": model.config, "step": step,
             "model": model.state_dict(), "extra": extra or {}}
     if not export:
+        ckpt["config"] = config or {}
         ckpt["optimizer"] = optimizer.state_dict() if optimizer else None
         ckpt["rng"] = torch.get_rng_state()
         ckpt["generator"] = generator.get_state() if generator else None

@@ -3,14 +3,19 @@
 argparse の ``type=`` に渡す関数は、受け付けない値に ``ArgumentTypeError`` を出します。
 argparse はそれを ``error: argument --steps: ...`` の 1 行にして終了コード 2 で止めます。
 CLI どうしで同じ引数 (``add_*_arguments``)、同じ確認 (``check_*``)、装置の準備
-(``setup_device``) と学習画像の読み込み (``train_images``) もここに 1 つずつ置きます。
+(``setup_device``) と学習画像の読み込み (``train_images``)、学習の CLI の再開の約束
+(``config_differences``) と中断 (``deferred_ctrl_c``) もここに 1 つずつ置きます。
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -265,3 +270,45 @@ def check_folder(parser: argparse.ArgumentParser, folder: str | os.PathLike,
         parser.error(f"{option} {folder}: 書き込めないフォルダーです。別の場所を指定してください")
     return folder
 
+
+
+def config_differences(stored: dict, given: dict, extend: bool = False) -> list[str]:
+    """保存した設定と今の設定の違いを「--lr 0.002 (保存) → 0.001 (指定)」の形で返します。
+
+    学習の CLI は、学習の形を決める設定を last.pt の config に保存し、--resume のときに
+    これで比べます。extend=True なら、--steps だけは保存した値より大きくてかまいません。
+    """
+    diffs = []
+    for name in sorted(set(stored) | set(given)):
+        old, new = stored.get(name), given.get(name)
+        if name == "steps" and extend and old is not None and new is not None and new > old:
+            continue
+        if old != new:
+            flag = "--" + name.replace("_", "-") if name != "max_grad_norm" else name
+            diffs.append(f"{flag} {old} (保存) → {new} (指定)")
+    return diffs
+
+
+@contextlib.contextmanager
+def deferred_ctrl_c() -> Iterator[dict]:
+    """学習のループの間、1 回目の Ctrl-C を「今のステップを終えたら止める」合図にします。
+
+    返す辞書の ``pressed`` が True になったら、ループはステップの境目で保存して止めます
+    (重みも乱数の状態も、止めなかった学習と同じところ)。2 回目の Ctrl-C はすぐに
+    KeyboardInterrupt になります (ステップの途中なので、呼ぶ側は保存しません)。
+    signal は主スレッドでしか設定できないので、ほかのスレッドでは何もしません。
+    """
+    state = {"pressed": False}
+    previous = None
+
+    def on_ctrl_c(signum, frame) -> None:
+        state["pressed"] = True
+        signal.signal(signal.SIGINT, previous)
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield state
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -36,9 +36,7 @@ if not __package__:  # ファイルを直接実行した: 下の相対 import �
 
 import argparse
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -85,22 +83,6 @@ def run_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def config_differences(stored: dict, given: dict, extend: bool = False) -> list[str]:
-    """保存した設定と今の設定の違いを「--lr 0.002 (保存) → 0.001 (指定)」の形で返します。
-
-    extend=True なら、--steps だけは保存した値より大きくてかまいません。
-    """
-    diffs = []
-    for name in sorted(set(stored) | set(given)):
-        old, new = stored.get(name), given.get(name)
-        if name == "steps" and extend and old is not None and new is not None and new > old:
-            continue
-        if old != new:
-            flag = "--" + name.replace("_", "-") if name != "max_grad_norm" else name
-            diffs.append(f"{flag} {old} (保存) → {new} (指定)")
-    return diffs
-
-
 def preview(model: nn.Module, sched: NoiseSchedule | None, device: torch.device,
             bf16: bool = False) -> torch.Tensor:
     """決まったノイズからクラス 0〜9 を 1 枚ずつ作り、uint8 (10, 1, H, W) で返します。
@@ -121,7 +103,7 @@ def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, last: Pat
         p.error(f"--resume: {e}")
     if "model" not in ckpt or "config" not in ckpt:
         p.error(f"--resume: {last} は配布用 (EMA だけ) のファイルなので再開できません")
-    diffs = config_differences(ckpt["config"], run_config(args), args.extend)
+    diffs = options.config_differences(ckpt["config"], run_config(args), args.extend)
     if diffs:
         hint = ("。学習を延ばすなら --extend と大きい --steps を" if not args.extend else "")
         p.error(f"--resume: {last} と設定が違います: {'、'.join(diffs)}。"
@@ -331,62 +313,53 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=5,
                disable=not sys.stderr.isatty())
-    ctrl_c = {"pressed": False}
-
-    def on_ctrl_c(signum, frame) -> None:  # 今のステップを終えてから保存して止める
-        ctrl_c["pressed"] = True
-        signal.signal(signal.SIGINT, previous_handler)  # 2 回目の Ctrl-C はすぐに止める
-
-    in_main = threading.current_thread() is threading.main_thread()  # signal は主スレッドだけ
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c) if in_main else None
-    try:
-        while step < args.steps:
-            idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
-            x0 = x_all[idx].to(device)
-            y = y_all[idx].to(device)
-            noise = noise_all[idx].to(device) if noise_all is not None else None
-            if channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            if flow:
-                loss_value = flow_train_step(model, x0, y, opt, args.p_uncond, gen,
-                                             MAX_GRAD_NORM, bf16, args.time_sampling, noise)
-            else:  # Ho et al. 2020 の Algorithm 1 (algorithms.ddpm_train_step)
-                loss_value = ddpm_train_step(model, sched, x0, y, opt, args.p_uncond, gen,
-                                             MAX_GRAD_NORM, bf16)
-            if not math.isfinite(loss_value):  # NaN の重みで良いチェックポイントを上書きしない
-                raise SystemExit(f"ステップ {step + 1} で損失が {loss_value} になりました。"
-                                 "--lr を下げてください (保存済みの last.pt はそのままです)")
-            lr_sched.step()
-            ema.update(model)
-            step += 1
-            running += loss_value
-            count += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step == args.steps:
-                history.append([step, running / count])
-                bar.set_postfix(loss=f"{running / count:.4f}")
-                running, count = 0.0, 0
-            timeout = (args.max_minutes is not None
-                       and time.time() - t_start > args.max_minutes * 60)
-            if step % args.save_every == 0 or step == args.steps or timeout:
-                save()
-            if timeout:
-                stopped_early = True
-                print(f"--max-minutes {args.max_minutes} に達したのでステップ {step} で止めます")
-                break
-            if ctrl_c["pressed"]:  # 終えたステップまでを保存 (乱数の状態もステップの境目)
-                bar.close()
-                save()
-                print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
-                      "(同じコマンドに --resume を付けると続きから学習します)")
-                raise SystemExit(130)
+    try:  # 1 回目の Ctrl-C は、今のステップを終えてから保存して止める合図
+        with options.deferred_ctrl_c() as ctrl_c:
+            while step < args.steps:
+                idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
+                x0 = x_all[idx].to(device)
+                y = y_all[idx].to(device)
+                noise = noise_all[idx].to(device) if noise_all is not None else None
+                if channels_last:
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                if flow:
+                    loss_value = flow_train_step(model, x0, y, opt, args.p_uncond, gen,
+                                                 MAX_GRAD_NORM, bf16, args.time_sampling, noise)
+                else:  # Ho et al. 2020 の Algorithm 1 (algorithms.ddpm_train_step)
+                    loss_value = ddpm_train_step(model, sched, x0, y, opt, args.p_uncond, gen,
+                                                 MAX_GRAD_NORM, bf16)
+                if not math.isfinite(loss_value):  # NaN の重みで良い last.pt を上書きしない
+                    raise SystemExit(f"ステップ {step + 1} で損失が {loss_value} になりました。"
+                                     "--lr を下げてください (保存済みの last.pt はそのままです)")
+                lr_sched.step()
+                ema.update(model)
+                step += 1
+                running += loss_value
+                count += 1
+                bar.update(1)
+                if step % args.log_every == 0 or step == args.steps:
+                    history.append([step, running / count])
+                    bar.set_postfix(loss=f"{running / count:.4f}")
+                    running, count = 0.0, 0
+                timeout = (args.max_minutes is not None
+                           and time.time() - t_start > args.max_minutes * 60)
+                if step % args.save_every == 0 or step == args.steps or timeout:
+                    save()
+                if timeout:
+                    stopped_early = True
+                    print(f"--max-minutes {args.max_minutes} に達したので"
+                          f"ステップ {step} で止めます")
+                    break
+                if ctrl_c["pressed"]:  # 終えたステップまでを保存 (乱数の状態もステップの境目)
+                    bar.close()
+                    save()
+                    print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
+                          "(同じコマンドに --resume を付けると続きから学習します)")
+                    raise SystemExit(130)
     except KeyboardInterrupt:  # 2 回目の Ctrl-C: ステップの途中なので保存しない
         bar.close()
         print(f"\n中断しました。{last} は前に保存したときのままです (--resume で再開できます)")
         raise SystemExit(130) from None
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     summary = extra()
     summary.update(step=step, stopped_early=stopped_early,

@@ -44,6 +44,9 @@ from .checkpoint import (
 from .training import lr_lambda
 
 SPLIT_SEED = 0  # 学習用と検証用に分ける並べ替えのシード
+# 学習の形を決める設定 (last.pt の config に保存し、--resume のときに比べる。train と同じ約束)
+RUN_SETTINGS = ("latent_channels", "width", "beta", "steps", "batch_size", "lr", "val_size",
+                "seed", "limit")
 
 
 def split_train_val(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_config(args: argparse.Namespace) -> dict:
+    """学習の形を決める設定の辞書 (last.pt の config。--resume のときに比べる)。"""
+    return {name: getattr(args, name) for name in RUN_SETTINGS}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    options.check_run_folder(p, args)
+    last = options.check_run_folder(p, args)
+    args.resume_from = None
+    if args.resume and last:  # 再開の約束は train と同じ: 設定が違えば作業の前に 1 行で止める
+        try:
+            ckpt = read_autoencoder(last)
+        except ValueError as e:
+            p.error(f"--resume: {e}")
+        if "optimizer" not in ckpt or "config" not in ckpt:
+            p.error(f"--resume: {last} は配布用のファイルなので再開できません")
+        diffs = options.config_differences(ckpt["config"], run_config(args))
+        if diffs:
+            p.error(f"--resume: {last} と設定が違います: {'、'.join(diffs)}。"
+                    "保存した設定で再開してください")
+        args.resume_from = ckpt
     options.check_export(p, args)
     return args
 
@@ -108,14 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     last = Path(args.out) / "last.pt"
     step, history, wall_before, cpu_before = 0, [], 0.0, 0.0
-    if args.resume:
-        try:
-            ckpt = read_autoencoder(last)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        if ckpt["autoencoder"] != model.config or "optimizer" not in ckpt:
-            raise SystemExit(f"{last} は別の構成 ({ckpt['autoencoder']}) か配布用のファイルです。"
-                             "同じ --latent-channels と --width で再開してください")
+    if args.resume_from is not None:
+        ckpt = args.resume_from
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -134,12 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {"history": history, "wall_seconds": wall_before + time.time() - t_start,
                 "cpu_seconds": cpu_before + time.process_time() - cpu_start,
                 "args": {k: str(v) if isinstance(v, torch.device) else v
-                         for k, v in vars(args).items()},
+                         for k, v in vars(args).items() if k != "resume_from"},
                 "n_params": n_params}
 
     def save() -> None:
         if not args.dry_run:
-            save_autoencoder(last, model, step, extra(), opt, gen)
+            save_autoencoder(last, model, step, extra(), opt, gen, config=run_config(args))
 
     warmup = max(1, args.steps // 20)  # 5% の線形ウォームアップの後、コサインで 0.05 倍まで
     model.train()
@@ -147,43 +162,49 @@ def main(argv: list[str] | None = None) -> dict:
     count = 0
     bar = tqdm(total=args.steps, initial=step, desc="autoencoder", mininterval=5,
                disable=not sys.stderr.isatty())
-    try:
-        while step < args.steps:
-            for g in opt.param_groups:
-                g["lr"] = args.lr * lr_lambda(step, warmup, args.steps)
-            x = x_train[torch.randint(0, len(x_train), (args.batch_size,), generator=gen)]
-            x = x.to(device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                x_hat, mean, logvar = model(x, gen)
-            loss, rec, kl = vae_loss(x, x_hat, mean, logvar, args.beta)
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"ステップ {step + 1} で損失が {loss.item()} になりました。"
-                                 "--lr を下げてください (保存済みの last.pt はそのままです)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            sums += torch.tensor([loss.item(), rec.item(), kl.item()])
-            count += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step == args.steps:
-                history.append([step, *(sums / count).tolist()])  # [ステップ, 損失, 再構成, KL]
-                bar.set_postfix(loss=f"{history[-1][1]:.3f}", kl=f"{history[-1][3]:.1f}")
-                sums.zero_()
-                count = 0
-            timeout = (args.max_minutes is not None
-                       and time.time() - t_start > args.max_minutes * 60)
-            if step % args.save_every == 0 or step == args.steps or timeout:
-                save()
-            if timeout:
-                print(f"--max-minutes {args.max_minutes} に達したのでステップ {step} で止めます")
-                break
-    except KeyboardInterrupt:
+    try:  # 1 回目の Ctrl-C は、今のステップを終えてから保存して止める合図
+        with options.deferred_ctrl_c() as ctrl_c:
+            while step < args.steps:
+                for g in opt.param_groups:
+                    g["lr"] = args.lr * lr_lambda(step, warmup, args.steps)
+                x = x_train[torch.randint(0, len(x_train), (args.batch_size,), generator=gen)]
+                x = x.to(device)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                    x_hat, mean, logvar = model(x, gen)
+                loss, rec, kl = vae_loss(x, x_hat, mean, logvar, args.beta)
+                if not math.isfinite(loss.item()):
+                    raise SystemExit(f"ステップ {step + 1} で損失が {loss.item()} になりました。"
+                                     "--lr を下げてください (保存済みの last.pt はそのままです)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                sums += torch.tensor([loss.item(), rec.item(), kl.item()])
+                count += 1
+                bar.update(1)
+                if step % args.log_every == 0 or step == args.steps:
+                    history.append([step, *(sums / count).tolist()])  # [ステップ, 損失, 再構成, KL]
+                    bar.set_postfix(loss=f"{history[-1][1]:.3f}", kl=f"{history[-1][3]:.1f}")
+                    sums.zero_()
+                    count = 0
+                timeout = (args.max_minutes is not None
+                           and time.time() - t_start > args.max_minutes * 60)
+                if step % args.save_every == 0 or step == args.steps or timeout:
+                    save()
+                if timeout:
+                    print(f"--max-minutes {args.max_minutes} に達したので"
+                          f"ステップ {step} で止めます")
+                    break
+                if ctrl_c["pressed"]:  # 終えたステップまでを保存 (乱数の状態もステップの境目)
+                    bar.close()
+                    save()
+                    print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
+                          "(同じコマンドに --resume を付けると続きから学習します)")
+                    raise SystemExit(130)
+    except KeyboardInterrupt:  # 2 回目の Ctrl-C: ステップの途中なので保存しない
         bar.close()
-        save()
-        print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
-              "(同じコマンドに --resume を付けると続きから学習します)")
+        print(f"\n中断しました。{last} は前に保存したときのままです (--resume で再開できます)")
         raise SystemExit(130) from None
     bar.close()
     model.eval()
