@@ -146,3 +146,21 @@ def test_cells_report_the_mean_and_range_over_sampler_seeds():
     test = rows["フロー Heun", "test"]["cells"][10]
     assert (test["fid"], test["fid_min"], test["fid_max"]) == (5.0, 4.0, 6.0)
     assert "4.00 (2.00× [1.50–2.50]) @9" in format_table(list(rows.values()))
+
+
+def test_best_over_guidance_chooses_the_scale_on_val_too():
+    from booktools.sampler_table import best_over_guidance
+
+    ev = {"val/reference@100": {"split": "val", "n": 100, "fid": 1.0, "fid_mean": 1.0},
+          "test/reference@100": {"split": "test", "n": 100, "fid": 1.0, "fid_mean": 1.0}}
+    # NFE 2: val では s = 1.5 が良く、test では s = 1 が良い → 選ぶのは s = 1.5 (val)
+    for split, fids in [("val", {1.0: 3.0, 1.5: 2.5}), ("test", {1.0: 1.0, 1.5: 4.0})]:
+        for s, fid in fids.items():
+            task = f"euler:2:{s:g}"
+            ev[f"{split}/{task}@100"] = _e(split, task, "euler", fid, 2, s=s)
+    ev["val/euler:1:1@100"] = _e("val", "euler:1:1", "euler", 9.0, 1, s=1.0)
+    ev["test/euler:1:1@100"] = _e("test", "euler:1:1", "euler", 8.0, 1, s=1.0)
+    best = best_over_guidance(ev, (1, 2), n=100)
+    assert best[1][1] == 1.0 and best[1][2]["fid"] == 8.0
+    name, s, cell = best[2]
+    assert (name, s, cell["task"], cell["fid"]) == ("フロー Euler", 1.5, "euler:2:1.5", 4.0)

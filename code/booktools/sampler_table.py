@@ -152,6 +152,24 @@ def best_per_budget(rows: list[dict], budgets: tuple[int, ...] = NFE_BUDGETS,
     return best
 
 
+def best_over_guidance(evals: dict[str, dict], budgets: tuple[int, ...], n: int = 1000,
+                       ) -> dict[int, tuple[str, float, dict]]:
+    """ガイダンスのスケールも候補に入れて、予算ごとに val の FID が最小の設定を選びます。
+
+    測ってあるスケールごとに ``fid_nfe_table`` と ``best_per_budget`` で選び、その中から
+    val の値 (select_fid) が最小のものを取ります。{予算: (表示名, スケール, test のセル)}。
+    """
+    scales = sorted({e["guidance_scale"] for e in evals.values()
+                     if e.get("n") == n and e.get("guidance_scale") is not None})
+    best: dict[int, tuple[str, float, dict]] = {}
+    for s in scales:
+        rows = fid_nfe_table(evals, n=n, guidance=s, budgets=budgets)
+        for b, (name, cell) in best_per_budget(rows, budgets).items():
+            if b not in best or cell["select_fid"] < best[b][2]["select_fid"]:
+                best[b] = (name, s, cell)
+    return best
+
+
 def best_overall(rows: list[dict]) -> tuple[str, dict] | None:
     """NFE を問わず val の FID が最小のタスクと、同じタスクの test のセルを返します。"""
     table = {(r["sampler"], r["split"]): r for r in rows}
