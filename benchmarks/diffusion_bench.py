@@ -186,6 +186,10 @@ def article_step(model, x, bf16):
 
 GOALS = {10: 2.0, 20: 1.6}  # イシューで決めた目標 (test の比): NFE ≤ 10 で 2.0×、≤ 20 で 1.6×
 GOAL_OVERALL = 1.4  # 全体で最良のサンプラーの目標
+# 少ないステップの目標 (test の比、3 つのシードの平均): NFE ≤ 4 で 2.5×、≤ 10 で 2.0×、≤ 20 で 1.6×
+FEW_GOALS = {1: None, 2: None, 4: 2.5, 10: 2.0, 20: 1.6}
+FEW_MODELS = {"フロー (同梱)": "flow_fashion.json", "リフロー後": "reflow_fashion.json",
+              "潜在のフロー": "latent_fashion.json"}
 
 
 def fid_nfe_report(n: int, guidance: float | None, live_n: int | None) -> None:
@@ -227,6 +231,32 @@ def fid_nfe_report(n: int, guidance: float | None, live_n: int | None) -> None:
             if task != "reference":
                 print(f"    {task:<14} NFE {r['nfe']:>3}  FID {r['fid']:6.2f} "
                       f"({r['fid'] / ref:.2f}×)  {r['seconds']:.1f} 秒")
+
+
+def few_step_report(n: int) -> None:
+    """6. 少ないステップ: モデルごとに、予算ごとの val で選んだ設定 (ガイダンスも) の test の比。"""
+    from booktools.sampler_table import best_over_guidance
+
+    budgets = tuple(FEW_GOALS)
+    print(f"\n少ない NFE (n = {n}。予算ごとにサンプラー・ステップ・ガイダンスを val で選び、"
+          "test の比。シードを変えて測ったものは平均 [最小–最大])")
+    for name, file in FEW_MODELS.items():
+        path = DEFAULT_CHECKPOINT.parent / file
+        if not path.is_file():
+            print(f"  {name}: {file} がありません")
+            continue
+        best = best_over_guidance(read_evals([path]), budgets, n)
+        for b in budgets:
+            if b not in best:
+                print(f"  {name:<12} NFE ≤ {b:>2}: (測っていません)")
+                continue
+            _, scale, cell = best[b]
+            goal = FEW_GOALS[b]
+            mark = "" if goal is None else \
+                f" (目標 {goal:.1f}×: {'達成' if cell['ratio'] <= goal else '未達'})"
+            seeds = len(cell["seeds"])
+            print(f"  {name:<12} NFE ≤ {b:>2}: {cell['task']:<14} (NFE {cell['nfe']}) "
+                  f"{ratio_text(cell)} [シード {seeds} 個]{mark}")
 
 
 def chosen_per_budget(evals: dict, n: int, budgets: tuple[int, ...] = LATENT_BUDGETS
@@ -334,6 +364,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.fid_nfe:
         fid_nfe_report(args.n, args.guidance, args.live_n)
+        few_step_report(args.n)
         return
     if args.latent:
         latent_report(args.n, args.sample_n, args.pixel_json, args.latent_json)
