@@ -154,11 +154,13 @@ def test_checkpoint_kinds_are_refused_across_models(trained, tmp_path, capsys):
                     "--channels", "16,32", "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "--latent" in err[-1] and "Traceback" not in "\n".join(err)
-    # 自己符号化器の学習の再開に拡散モデルの last.pt を渡さない
-    with pytest.raises(SystemExit, match="自己符号化器"):
+    # 自己符号化器の学習の再開に拡散モデルの last.pt を渡さない (作業の前に 1 行で)
+    with pytest.raises(SystemExit) as e:
         train_autoencoder.main(["--data-root", str(fashion_root()), "--out", str(d / "run"),
                                 "--steps", "4", "--limit", "64", "--val-size", "32",
                                 "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "自己符号化器" in err[-1] and "Traceback" not in "\n".join(err)
 
 
 def test_sample_cli_decodes_a_latent_checkpoint(trained, tmp_path):

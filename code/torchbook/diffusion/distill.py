@@ -25,6 +25,7 @@ from torch import nn
 
 from .algorithms import optimizer_step
 from .losses import FLOW_TIME_SCALE
+from .reflow import noise_and_labels
 from .sampling import flow_step, sample_trajectory
 
 
@@ -51,14 +52,7 @@ def teacher_trajectories(teacher: nn.Module, n: int, teacher_steps: int, seed: i
     if n < 1 or batch_size < 1 or teacher_steps < 2 or teacher_steps % 2:
         raise ValueError(f"n・batch_size は 1 以上、teacher_steps は 2 以上の偶数にしてください "
                          f"({n}, {batch_size}, {teacher_steps})")
-    num_classes = getattr(teacher, "null_class", None)
-    if conditional is None:
-        conditional = num_classes is not None
-    if conditional and num_classes is None:
-        raise ValueError("conditional=True ですが、モデルにクラスがありません (null_class がない)")
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *teacher.sample_shape), generator=gen)
-    y = torch.randint(0, num_classes, (n,), generator=gen) if conditional else None
+    noise, y = noise_and_labels(teacher, n, seed, conditional)
     parts = []
     for i in range(0, n, batch_size):
         yb = y[i : i + batch_size] if y is not None else None

@@ -15,7 +15,7 @@ from torch import nn
 
 from .autoencoder import Autoencoder
 from .conditioning import CrossAttention, TokenEncoder
-from .unet import ResBlock, timestep_embedding, up_path
+from .unet import ResBlock, checked_labels, timestep_embedding, up_path
 
 
 class LatentUNet(nn.Module):
@@ -63,12 +63,7 @@ class LatentUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, C, 8, 8) の潜在変数 x_t、t: (N,) の時刻 (1000·t)、y: (N,) のクラス。"""
-        if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
-            c, s = self.in_channels, self.image_size
-            raise ValueError(
-                f"入力は (N, {c}, {s}, {s}) にしてください (受け取ったのは {tuple(x.shape)})")
-        if y is None:
-            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        y = checked_labels(self, x, y)
         emb = self.time_mlp(timestep_embedding(t, self.time_dim))
         context, pad = self.tokens(y)
         h = self.conv_in(x)

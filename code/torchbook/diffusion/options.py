@@ -15,7 +15,8 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -289,6 +290,31 @@ def config_differences(stored: dict, given: dict, extend: bool = False) -> list[
     return diffs
 
 
+def check_resume(parser: argparse.ArgumentParser, last: Path, read: Callable[[Path], dict],
+                 config: dict, extend: bool = False) -> dict:
+    """--resume の前に last.pt を read で読み、保存した config と今の config を比べます。
+
+    読めない、配布用 (再開の状態がない)、設定が違う、のどれも parser.error の 1 行で止めます。
+    extend=True なら --steps は保存した値より大きくなければなりません (学習を延ばす)。
+    """
+    try:
+        ckpt = read(last)
+    except ValueError as e:
+        parser.error(f"--resume: {e}")
+    if "optimizer" not in ckpt or "config" not in ckpt:
+        parser.error(f"--resume: {last} は配布用のファイルなので再開できません")
+    diffs = config_differences(ckpt["config"], config, extend)
+    if diffs:
+        hint = "" if extend or "steps" not in ckpt["config"] else \
+            "。学習を延ばすなら --extend と大きい --steps を"
+        parser.error(f"--resume: {last} と設定が違います: {'、'.join(diffs)}。"
+                     f"保存した設定で再開してください{hint}")
+    if extend and config["steps"] <= ckpt["config"]["steps"]:
+        parser.error(f"--extend: --steps を保存した {ckpt['config']['steps']} より"
+                     "大きくしてください")
+    return ckpt
+
+
 @contextlib.contextmanager
 def deferred_ctrl_c() -> Iterator[dict]:
     """学習のループの間、1 回目の Ctrl-C を「今のステップを終えたら止める」合図にします。
@@ -312,3 +338,23 @@ def deferred_ctrl_c() -> Iterator[dict]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def end_of_step(step: int, args: argparse.Namespace, t_start: float, ctrl_c: dict,
+                save: Callable[[], None], last: Path) -> bool:
+    """学習の 1 ステップを終えたところで呼びます: 保存の時期なら保存し、止めるかを返します。
+
+    --save-every の倍数、最後のステップ、--max-minutes の時間切れ、Ctrl-C (``deferred_ctrl_c``)
+    のときに保存します。時間切れなら True (呼ぶ側はループを抜けます)、Ctrl-C なら保存の後に
+    終了コード 130 で止めます (どちらもステップの境目なので、--resume で同じ続きになります)。
+    """
+    timeout = args.max_minutes is not None and time.time() - t_start > args.max_minutes * 60
+    if step % args.save_every == 0 or step == args.steps or timeout or ctrl_c["pressed"]:
+        save()
+    if ctrl_c["pressed"]:
+        print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
+              "(同じコマンドに --resume を付けると続きから学習します)")
+        raise SystemExit(130)
+    if timeout:
+        print(f"--max-minutes {args.max_minutes} に達したのでステップ {step} で止めます")
+    return timeout

@@ -34,6 +34,23 @@ def _check_flow(model: nn.Module) -> None:
                          f"(受け取ったのは {getattr(model, 'objective', None)!r})")
 
 
+def noise_and_labels(model: nn.Module, n: int, seed: int, conditional: bool | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """seed から n 個のノイズ (モデルの sample_shape) と一様なクラスを引きます。
+
+    conditional は、クラスを引くか (None: モデルにクラスがあれば引く)。引かないとき y は None。
+    """
+    num_classes = getattr(model, "null_class", None)
+    if conditional is None:
+        conditional = num_classes is not None
+    if conditional and num_classes is None:
+        raise ValueError("conditional=True ですが、モデルにクラスがありません (null_class がない)")
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *model.sample_shape), generator=gen)
+    y = torch.randint(0, num_classes, (n,), generator=gen) if conditional else None
+    return noise, y
+
+
 @torch.no_grad()
 def reflow_pairs(model: nn.Module, n: int, steps: int = 10, method: str = DEFAULT_FLOW_METHOD,
                  seed: int = 0, conditional: bool | None = None, guidance_scale: float = 1.0,
@@ -51,14 +68,7 @@ def reflow_pairs(model: nn.Module, n: int, steps: int = 10, method: str = DEFAUL
     if n < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"n・steps・batch_size は 1 以上にしてください "
                          f"({n}, {steps}, {batch_size})")
-    num_classes = getattr(model, "null_class", None)
-    if conditional is None:
-        conditional = num_classes is not None
-    if conditional and num_classes is None:
-        raise ValueError("conditional=True ですが、モデルにクラスがありません (null_class がない)")
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *model.sample_shape), generator=gen)
-    y = torch.randint(0, num_classes, (n,), generator=gen) if conditional else None
+    noise, y = noise_and_labels(model, n, seed, conditional)
     data, last = [], {}
 
     def keep_end(k: int, t: float, x: torch.Tensor) -> None:

@@ -97,20 +97,7 @@ def preview(model: nn.Module, sched: NoiseSchedule | None, device: torch.device,
 
 def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace, last: Path) -> dict:
     """--resume の前に last.pt を読み、学習の形を決める設定が同じか確かめます。"""
-    try:
-        ckpt = read_diffusion(last)
-    except ValueError as e:
-        p.error(f"--resume: {e}")
-    if "model" not in ckpt or "config" not in ckpt:
-        p.error(f"--resume: {last} は配布用 (EMA だけ) のファイルなので再開できません")
-    diffs = options.config_differences(ckpt["config"], run_config(args), args.extend)
-    if diffs:
-        hint = ("。学習を延ばすなら --extend と大きい --steps を" if not args.extend else "")
-        p.error(f"--resume: {last} と設定が違います: {'、'.join(diffs)}。"
-                f"保存した設定で再開してください{hint}")
-    if args.extend and args.steps <= ckpt["config"]["steps"]:
-        p.error(f"--extend: --steps を保存した {ckpt['config']['steps']} より大きくしてください")
-    return ckpt
+    return options.check_resume(p, last, read_diffusion, run_config(args), args.extend)
 
 
 def check_reflow(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -341,21 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
                     history.append([step, running / count])
                     bar.set_postfix(loss=f"{running / count:.4f}")
                     running, count = 0.0, 0
-                timeout = (args.max_minutes is not None
-                           and time.time() - t_start > args.max_minutes * 60)
-                if step % args.save_every == 0 or step == args.steps or timeout:
-                    save()
-                if timeout:
-                    stopped_early = True
-                    print(f"--max-minutes {args.max_minutes} に達したので"
-                          f"ステップ {step} で止めます")
+                if options.end_of_step(step, args, t_start, ctrl_c, save, last):
+                    stopped_early = True  # --max-minutes の時間切れ
                     break
-                if ctrl_c["pressed"]:  # 終えたステップまでを保存 (乱数の状態もステップの境目)
-                    bar.close()
-                    save()
-                    print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
-                          "(同じコマンドに --resume を付けると続きから学習します)")
-                    raise SystemExit(130)
     except KeyboardInterrupt:  # 2 回目の Ctrl-C: ステップの途中なので保存しない
         bar.close()
         print(f"\n中断しました。{last} は前に保存したときのままです (--resume で再開できます)")

@@ -93,16 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     last = options.check_run_folder(p, args)
     args.resume_from = None
     if args.resume and last:  # 再開の約束は train と同じ: 設定が違えば作業の前に 1 行で止める
-        try:
-            ckpt = read_autoencoder(last)
-        except ValueError as e:
-            p.error(f"--resume: {e}")
-        if "optimizer" not in ckpt or "config" not in ckpt:
-            p.error(f"--resume: {last} は配布用のファイルなので再開できません")
-        diffs = options.config_differences(ckpt["config"], run_config(args))
-        if diffs:
-            p.error(f"--resume: {last} と設定が違います: {'、'.join(diffs)}。"
-                    "保存した設定で再開してください")
+        ckpt = options.check_resume(p, last, read_autoencoder, run_config(args))
         args.resume_from = ckpt
     options.check_export(p, args)
     return args
@@ -188,20 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
                     bar.set_postfix(loss=f"{history[-1][1]:.3f}", kl=f"{history[-1][3]:.1f}")
                     sums.zero_()
                     count = 0
-                timeout = (args.max_minutes is not None
-                           and time.time() - t_start > args.max_minutes * 60)
-                if step % args.save_every == 0 or step == args.steps or timeout:
-                    save()
-                if timeout:
-                    print(f"--max-minutes {args.max_minutes} に達したので"
-                          f"ステップ {step} で止めます")
-                    break
-                if ctrl_c["pressed"]:  # 終えたステップまでを保存 (乱数の状態もステップの境目)
-                    bar.close()
-                    save()
-                    print(f"\n中断しました。ステップ {step} までを {last} に保存しました "
-                          "(同じコマンドに --resume を付けると続きから学習します)")
-                    raise SystemExit(130)
+                if options.end_of_step(step, args, t_start, ctrl_c, save, last):
+                    break  # --max-minutes の時間切れ
     except KeyboardInterrupt:  # 2 回目の Ctrl-C: ステップの途中なので保存しない
         bar.close()
         print(f"\n中断しました。{last} は前に保存したときのままです (--resume で再開できます)")

@@ -46,6 +46,20 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def checked_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """入力 x の形を確かめ (違えば 1 行の ValueError)、クラス y を返します。
+
+    y が None なら「クラスなし」(model.null_class) です。UNet と LatentUNet が共有します。
+    """
+    c, s = model.in_channels, model.image_size
+    if x.shape[1:] != (c, s, s):
+        raise ValueError(
+            f"入力は (N, {c}, {s}, {s}) にしてください (受け取ったのは {tuple(x.shape)})")
+    if y is None:
+        y = torch.full((x.shape[0],), model.null_class, dtype=torch.long, device=x.device)
+    return y
+
+
 def up_path(channels: tuple[int, ...], emb_dim: int, out_channels: int, groups: int = 8,
             dropout: float = 0.0, attn: Callable[[int], nn.Module] | None = None
             ) -> tuple[nn.ModuleList, nn.ModuleList | None, nn.ModuleList, nn.GroupNorm, nn.Conv2d]:
@@ -129,12 +143,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, C, H, W) の x_t、t: (N,) の整数時刻、y: (N,) のクラス (None ならクラスなし)。"""
-        if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
-            c, s = self.in_channels, self.image_size
-            raise ValueError(
-                f"入力は (N, {c}, {s}, {s}) にしてください (受け取ったのは {tuple(x.shape)})")
-        if y is None:
-            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        y = checked_labels(self, x, y)
         emb = self.time_mlp(timestep_embedding(t, self.time_dim)) + self.class_emb(y)
         h = self.conv_in(F.pixel_unshuffle(x, self.patch_size))
         skips = []
