@@ -123,3 +123,39 @@ def test_shipped_sweep_matches_its_provenance():
         assert "torchbook.diffusion.train_autoencoder" in r["command"]
         assert f"--steps {r['step']}" in r["command"]
         assert f"--beta {r['beta']:g}" in r["command"]
+
+
+def test_live_choice_takes_the_best_val_setting_within_the_nfe_limit(tmp_path):
+    def e(split, task, fid, nfe, s=2.0, seed=1234):
+        return {"split": split, "task": task, "fid": fid, "nfe": nfe, "guidance_scale": s,
+                "sampler_seed": seed, "n": 1000}
+
+    ev = {"val/euler:2:2@1000": e("val", "euler:2:2", 9.0, 2),
+          "val/euler:4:2@1000": e("val", "euler:4:2", 7.0, 4),
+          "val/heun:3:2@1000": e("val", "heun:3:2", 5.0, 5),  # NFE 5: 上限の外
+          "test/heun:2:2@1000": e("test", "heun:2:2", 1.0, 3),  # test では選ばない
+          "val/euler:4:1.5@1000": e("val", "euler:4:1.5", 6.0, 4, s=1.5),  # 別のスケール
+          "val/euler:2:2@1000/seed777": e("val", "euler:2:2", 1.0, 2, seed=777)}
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"eval": ev}), encoding="utf-8")
+    assert lc.live_choice(path) == ("euler:4:2", 7.0)
+    with pytest.raises(ValueError, match="NFE 1 以下"):
+        lc.live_choice(path, max_nfe=1)
+
+
+def test_the_page_demo_uses_the_live_setting_chosen_on_val():
+    """第 10 章のデモの :live-method: と :live-steps: が、来歴 JSON で val が選ぶ設定と同じ。"""
+    import re
+
+    from booktools.data import REPO_ROOT
+    from torchbook.diffusion.checkpoint import WEIGHTS_DIR
+    from torchbook.diffusion.evaluation import parse_task
+
+    page = (REPO_ROOT / "book" / "10_latent.md").read_text(encoding="utf-8")
+    block = re.search(r"```\{torchbook-demo\} latent\n(.*?)```", page, re.S).group(1)
+    options = dict(re.findall(r"^:([\w-]+):\s*(\S+)", block, re.M))
+    task, _ = lc.live_choice(WEIGHTS_DIR / "latent_fashion.json")
+    chosen = parse_task(task)
+    assert options["live-method"] == chosen["method"]
+    assert int(options["live-steps"]) == chosen["steps"]
+    assert chosen["guidance_scale"] == lc.LIVE_GUIDANCE
