@@ -20,6 +20,7 @@ from torchbook.diffusion import (
     classifier,
     evaluate,
     evaluation,
+    make_pairs,
     options,
     sample,
     train,
@@ -387,7 +388,8 @@ def test_every_recorded_command_parses_with_its_cli(tmp_path):
         words = shlex.split(command)
         module = words[words.index("-m") + 1].rsplit(".", 1)[1]
         p = {"train": train, "sample": sample, "evaluate": evaluate,
-             "classifier": classifier, "train_autoencoder": train_autoencoder}[module]
+             "classifier": classifier, "train_autoencoder": train_autoencoder,
+             "make_pairs": make_pairs}[module]
         args = words[words.index("-m") + 2:]
         parser = p.build_parser()
         parser.parse_args(args)  # 使えない引数やタスク名は SystemExit で落ちる

@@ -83,16 +83,16 @@ LIVE_GUIDANCE = 2.0  # ページのデモのライブの既定のガイダンス
 LIVE_MAX_NFE = 4  # ライブ (スライダーに合わせて描き直す) の NFE の上限
 
 
-def live_choice(json_path: str | os.PathLike, guidance: float = LIVE_GUIDANCE,
+def live_choice(json_path: str | os.PathLike, scale: float = LIVE_GUIDANCE,
                 max_nfe: int = LIVE_MAX_NFE) -> tuple[str, float]:
-    """ライブの設定: NFE が max_nfe 以下でガイダンスが guidance の候補から、val (既定の
-    シード) の FID が最小のタスクと、その FID を返します。候補が無ければ ValueError。"""
+    """ライブの設定: NFE が max_nfe 以下でガイダンスのスケールが scale の候補から、
+    val (既定のシード) の FID が最小のタスクと、その FID を返します。無ければ ValueError。"""
     evals = read_evals([json_path])
     cands = {e["task"]: e["fid"] for e in evals.values()
              if e.get("split") == "val" and e.get("sampler_seed", 1234) == 1234
-             and e.get("guidance_scale") == guidance and 0 < e.get("nfe", 0) <= max_nfe}
+             and e.get("guidance_scale") == scale and 0 < e.get("nfe", 0) <= max_nfe}
     if not cands:
-        raise ValueError(f"{json_path} に NFE {max_nfe} 以下・s = {guidance:g} の val の結果が"
+        raise ValueError(f"{json_path} に NFE {max_nfe} 以下・s = {scale:g} の val の結果が"
                          "ありません (evaluate --split val で測ってください)")
     task = min(cands, key=cands.get)
     return task, cands[task]
