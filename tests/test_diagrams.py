@@ -119,6 +119,7 @@ def test_png_records_smallest_font_size_without_patching_matplotlib():
     plotting.plt.close(fig)
 
 
+@pytest.mark.slow
 def test_notebook_figures_carry_the_smallest_font_size(monkeypatch):
     """ページのカーネルで plt.show() した図も、セルの終わりの図も、PNG に min_font_pt を持つ。"""
     import base64

@@ -126,6 +126,7 @@ def test_autoencoder_resume_refuses_changed_settings_in_one_line(tmp_path, capsy
         assert e.value.code == 2 and f"{flag} " in err and "(保存)" in err, err
 
 
+@pytest.mark.slow
 def test_autoencoder_ctrl_c_resumes_equal_to_an_uninterrupted_run(tmp_path, monkeypatch,
                                                                    capsys):
     """ステップ 3 の途中の Ctrl-C: 3 を終えて保存し、再開すると止めなかった学習と同じ重み。"""

@@ -133,6 +133,7 @@ def test_atomic_write_gives_normal_permissions_and_keeps_the_old_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # 一時ファイルなし
 
 
+@pytest.mark.slow
 def test_train_under_a_file_size_limit_says_the_checkpoint_is_kept(tmp_path):
     """ファイルの大きさの上限 (RLIMIT_FSIZE) で保存に失敗しても、1 行で伝え last.pt を残す。"""
     resource = pytest.importorskip("resource")

@@ -166,6 +166,7 @@ def test_json_lock_leaves_no_file_and_breaks_a_stale_lock(tmp_path, monkeypatch)
         evaluation.add_entry(path, "val/c@100", {"fid": 3.0})
 
 
+@pytest.mark.slow
 def test_diffusion_folder_imports_without_fcntl():
     """Windows (fcntl なし) でもサンプリングと評価の部品を import できる。"""
     import subprocess

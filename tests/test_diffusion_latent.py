@@ -120,6 +120,7 @@ def test_cli_writes_both_kinds_with_provenance(trained):
                                load_autoencoder(ae)[0].latent_scale)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(trained, capsys):
     d, ae, _ = trained
     summary = train.main(["--data-root", str(fashion_root()), "--latent", str(ae), "--out",
@@ -170,6 +171,7 @@ def test_sample_cli_decodes_a_latent_checkpoint(trained, tmp_path):
     assert x.shape == (4, 1, 32, 32) and (tmp_path / "g.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_copied_folder_trains_latent_diffusion_alone(trained, tmp_path):
     """コピーしたフォルダーだけで、自己符号化器の試しと潜在の学習が動く。"""
     _, ae, _ = trained

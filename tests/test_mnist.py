@@ -492,6 +492,7 @@ def test_failed_save_is_one_line_and_keeps_the_previous_checkpoint(monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "tiny"]  # 書きかけは消す
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE の無い OS")
 def test_file_size_limit_is_reported_in_one_line(tmp_path: Path, tiny: Path) -> None:
     """本物の書き込みの失敗 (ファイルの大きさの上限、RLIMIT_FSIZE) でも、1 行で終わる。"""
