@@ -149,12 +149,18 @@ def test_extension_and_book_helper_agree_on_the_runtime_and_the_folder(tmp_path,
     assert webdemo.demo_dir() == ext.demo_source() == tmp_path / "demo"
 
 
-def test_a_demo_page_without_its_exported_files_is_a_build_warning(tmp_path, monkeypatch):
+def _recording_app(tmp_path, monkeypatch):
+    """足した CSS・JS と警告を記録する、Sphinx の app の代わり (デモの置き場所は tmp_path)。"""
     monkeypatch.setenv(webdemo.ENV_DIR, str(tmp_path))
     added, warnings = [], []
     app = SimpleNamespace(add_css_file=added.append,
                           add_js_file=lambda name, **kw: added.append(name))
     monkeypatch.setattr(ext.logger, "warning", lambda msg, **kw: warnings.append(msg))
+    return app, added, warnings
+
+
+def test_a_demo_page_without_its_exported_files_is_a_build_warning(tmp_path, monkeypatch):
+    app, added, warnings = _recording_app(tmp_path, monkeypatch)
     doc = new_document("page")
     doc += nodes.raw("", '<div data-demo="mnist"></div>', format="html")
     ext._page_assets(app, "book/05_mnist", "page.html", {}, doc)
@@ -169,11 +175,7 @@ def test_a_demo_page_without_its_exported_files_is_a_build_warning(tmp_path, mon
 def test_a_demo_with_data_script_loads_that_script_once(tmp_path, monkeypatch):
     # 潜在のデモ (data-demo="latent") は demo-diffusion.js のサンプラーで動く。画素のデモと
     # 同じページにあっても JS は 1 回だけ読み、メタデータはデモの名前ごとに確かめる
-    monkeypatch.setenv(webdemo.ENV_DIR, str(tmp_path))
-    added, warnings = [], []
-    app = SimpleNamespace(add_css_file=added.append,
-                          add_js_file=lambda name, **kw: added.append(name))
-    monkeypatch.setattr(ext.logger, "warning", lambda msg, **kw: warnings.append(msg))
+    app, added, warnings = _recording_app(tmp_path, monkeypatch)
     doc = new_document("page")
     doc += nodes.raw("", '<div class="torchbook-demo" data-demo="latent" data-script="diffusion">'
                      '<form></form></div><p data-script="mnist">x</p>', format="html")
