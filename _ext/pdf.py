@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,30 @@ class PdfLongTables(SphinxPostTransform):
         for table in self.document.findall(nodes.table):
             if count_body_rows(table) > LONG_TABLE_ROWS and "longtable" not in table["classes"]:
                 table["classes"].append("longtable")
+                if "colwidths-given" not in table["classes"]:
+                    set_column_widths(table)
+
+
+def set_column_widths(table: nodes.table) -> None:
+    """longtable の列幅を、列の中のいちばん長い文字列の幅に比例させます (折り返せる列)。
+
+    幅を与えない longtable の列は折り返さない (l) ので、長い文を含む表がページの右へはみ出します。
+    分けない箱 (tabulary) なら LaTeX が幅を決めますが、longtable ではここで決めます。
+    """
+    for tgroup in table.findall(nodes.tgroup):
+        colspecs = [c for c in tgroup.children if isinstance(c, nodes.colspec)]
+        widths = [1] * len(colspecs)
+        for row in tgroup.findall(nodes.row):
+            for i, entry in enumerate(row.children[: len(colspecs)]):
+                widths[i] = max(widths[i], text_width(entry.astext()))
+        for colspec, width in zip(colspecs, widths, strict=True):
+            colspec["colwidth"] = min(max(width, 4), 80)  # 短すぎる列と長すぎる列をならす
+    table["classes"].append("colwidths-given")
+
+
+def text_width(text: str) -> int:
+    """表示の幅 (全角の文字は 2)。"""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def count_body_rows(table: nodes.table) -> int:

@@ -123,6 +123,9 @@ def test_long_tables_can_break_across_pages(tmp_path, monkeypatch):
     tex, _ = build_latex(tmp_path, monkeypatch)
     assert tex.count(r"\begin{longtable}") == 1
     assert tex.count(r"\begin{tabulary}") == 1
+    # longtable の列は折り返せる幅 (\X) で、はみ出さない (l の列は折り返さない)
+    spec = tex.split(r"\begin{longtable}", 1)[1].split("\n", 1)[0]
+    assert r"\X{" in spec and "{ll}" not in spec.replace("|", ""), spec
 
 
 def test_html_that_would_vanish_from_the_pdf_is_a_warning(tmp_path, monkeypatch):
