@@ -128,7 +128,7 @@ def test_shipped_sweep_matches_its_provenance():
 def test_live_choice_takes_the_best_val_setting_within_the_nfe_limit(tmp_path):
     def e(split, task, fid, nfe, s=2.0, seed=1234):
         return {"split": split, "task": task, "fid": fid, "nfe": nfe, "guidance_scale": s,
-                "sampler_seed": seed, "n": 1000}
+                "sampler_seed": seed, "n": 1000, "method": task.split(":")[0]}
 
     ev = {"val/euler:2:2@1000": e("val", "euler:2:2", 9.0, 2),
           "val/euler:4:2@1000": e("val", "euler:4:2", 7.0, 4),

@@ -87,15 +87,15 @@ def live_choice(json_path: str | os.PathLike, scale: float = LIVE_GUIDANCE,
                 max_nfe: int = LIVE_MAX_NFE) -> tuple[str, float]:
     """ライブの設定: NFE が max_nfe 以下でガイダンスのスケールが scale の候補から、
     val (既定のシード) の FID が最小のタスクと、その FID を返します。無ければ ValueError。"""
-    evals = read_evals([json_path])
-    cands = {e["task"]: e["fid"] for e in evals.values()
-             if e.get("split") == "val" and e.get("sampler_seed", 1234) == 1234
-             and e.get("guidance_scale") == scale and 0 < e.get("nfe", 0) <= max_nfe}
-    if not cands:
+    # 選び方は表と同じ (fid_nfe_table): サンプラーごとに NFE ≤ max_nfe の val の最小、その中の最小
+    rows = fid_nfe_table(read_evals([json_path]), guidance=scale, budgets=(max_nfe,),
+                         splits=("val",))
+    cells = [r["cells"][max_nfe] for r in rows if r["cells"][max_nfe]]
+    if not cells:
         raise ValueError(f"{json_path} に NFE {max_nfe} 以下・s = {scale:g} の val の結果が"
                          "ありません (evaluate --split val で測ってください)")
-    task = min(cands, key=cands.get)
-    return task, cands[task]
+    best = min(cells, key=lambda c: c["select_fid"])
+    return best["task"], best["select_fid"]
 
 
 def model_trade(json_path: str | os.PathLike, budgets: tuple[int, ...] = TRADE_BUDGETS,

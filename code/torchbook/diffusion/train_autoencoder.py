@@ -91,10 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     last = options.check_run_folder(p, args)
-    args.resume_from = None
-    if args.resume and last:  # 再開の約束は train と同じ: 設定が違えば作業の前に 1 行で止める
-        ckpt = options.check_resume(p, last, read_autoencoder, run_config(args))
-        args.resume_from = ckpt
+    # 再開の約束は train と同じ: 設定が違えば作業の前に 1 行で止める
+    args.resume_from = (options.check_resume(p, last, read_autoencoder, run_config(args))
+                        if args.resume and last else None)
     options.check_export(p, args)
     return args
 
